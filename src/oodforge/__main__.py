@@ -1,0 +1,5 @@
+"""``python -m oodforge`` runs the command line."""
+
+from oodforge.cli import app
+
+app()

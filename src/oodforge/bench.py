@@ -1,0 +1,125 @@
+"""``oodforge bench``: several recipes x seeds from one YAML file -> one results.json, report, summary.
+
+Config keys: ``benchmark``, ``detectors`` (as for ``--detectors``), ``seeds`` (list), ``defaults``
+(``TrainConfig`` fields shared by all runs) and ``runs`` (list of ``{name: ..., <TrainConfig fields>}``).
+Each run/seed trains into ``OUT/<name>/seed<k>/`` (resumable) and is scored as method
+``<name>-seed<k>``; ``summary.md``/``summary.json`` give mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import numpy as np
+import yaml
+from rich.console import Console
+
+from oodforge.data.benchmarks import get_benchmark
+from oodforge.evaluate import evaluate, parse_detector_spec
+from oodforge.features import OutputCache
+from oodforge.io import atomic_json, atomic_write
+from oodforge.runs import print_results, run_payload, save_run
+from oodforge.train import MODEL_CHECKPOINT, TrainConfig, train
+
+CONFIG_KEYS = {"benchmark", "detectors", "seeds", "defaults", "runs", "description"}
+
+
+def load_bench_config(path: Path) -> dict:
+    """Read and validate a bench YAML file; errors name the file and the bad key."""
+    if not path.is_file():
+        raise FileNotFoundError(f"bench config not found: {path}")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(config, dict) or not config.get("runs"):
+        raise ValueError(f"{path}: needs a 'runs' list")
+    unknown = set(config) - CONFIG_KEYS
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(CONFIG_KEYS)}")
+    allowed = {f.name for f in fields(TrainConfig)}
+    for run in config["runs"]:
+        bad = set(run) - allowed - {"name"}
+        if "name" not in run or bad:
+            raise ValueError(f"{path}: each run needs a 'name' and TrainConfig fields; bad keys {sorted(bad)}")
+        if "/" in run["name"]:
+            raise ValueError(f"{path}: run name {run['name']!r} may not contain '/'")
+    return config
+
+
+def run_bench(config_path: Path, out: Path, quiet: bool = False) -> dict:
+    """Train and score every run x seed of the config; write the combined run and a summary."""
+    config = load_bench_config(config_path)
+    benchmark = get_benchmark(config.get("benchmark", "fashion_mnist"))
+    detectors = parse_detector_spec(config.get("detectors", "msp,maxlogit,energy"))
+    evaluations = {}
+    for run in config["runs"]:
+        for seed in config.get("seeds", [0]):
+            options = {**config.get("defaults", {}), **{k: v for k, v in run.items() if k != "name"}}
+            recipe = TrainConfig(**{"benchmark": benchmark.name, **options, "seed": seed})
+            method = f"{run['name']}-seed{seed}"
+            run_dir = out / run["name"] / f"seed{seed}"
+            tic = time.perf_counter()
+            model = train(recipe, run_dir, resume=True, quiet=quiet)
+            train_s = time.perf_counter() - tic
+            evaluation = evaluate(model, benchmark, detectors, method=method, cache=OutputCache(), quiet=quiet)
+            evaluation.timings["train_s"] = train_s
+            info = {**asdict(recipe), "history": model.history, "run": run["name"]}
+            evaluations[method] = (model, evaluation, info, str(run_dir / MODEL_CHECKPOINT))
+    payload, scores = run_payload(benchmark, evaluations)
+    payload["bench_config"] = config
+    save_run(out, payload, scores)
+    summary = summarize(payload)
+    atomic_json(summary, out / "summary.json")
+    atomic_write(out / "summary.md", lambda tmp: tmp.write_text(summary_markdown(summary, payload)))
+    print_results(payload, Console())
+    Console().print(summary_markdown(summary, payload))
+    return payload
+
+
+def summarize(payload: dict) -> list[dict]:
+    """Mean and std over seeds of ID accuracy, mean near/far AUROC and mean FPR95, per (run, detector)."""
+    per_method = {m: info["train"]["run"] for m, info in payload["methods"].items()} if "methods" in payload \
+        else {"model": "model"}
+    rows = []
+    for run in dict.fromkeys(per_method.values()):
+        methods = [m for m, r in per_method.items() if r == run]
+        accuracies = [payload["methods"][m]["id_accuracy"] if "methods" in payload else payload["id_accuracy"]
+                      for m in methods]
+        detectors = dict.fromkeys(r["detector"] for r in payload["results"] if r["method"] in methods)
+        for detector in detectors:
+            stats = {"run": run, "detector": detector, "seeds": len(methods)}
+            stats.update(_mean_std("id_accuracy", accuracies))
+            for group in ("near", "far"):
+                values = [np.mean([r["auroc"] for r in payload["results"] if r["method"] == m
+                                   and r["detector"] == detector and r["group"] == group] or [np.nan])
+                          for m in methods]
+                stats.update(_mean_std(f"{group}_auroc", values))
+            fprs = [np.mean([r["fpr95"] for r in payload["results"] if r["method"] == m and r["detector"] == detector])
+                    for m in methods]
+            stats.update(_mean_std("fpr95", fprs))
+            rows.append(stats)
+    return rows
+
+
+def _mean_std(name: str, values: list[float]) -> dict[str, float]:
+    values = np.asarray(values, dtype=float)
+    return {f"{name}_mean": float(np.mean(values)), f"{name}_std": float(np.std(values))}
+
+
+def summary_markdown(summary: list[dict], payload: dict) -> str:
+    """The summary as a Markdown table (percentages, mean ± std over seeds)."""
+    has_near = any(r["group"] == "near" for r in payload["results"])
+    header = ["run", "detector", "seeds", "ID acc"] + (["near AUROC"] if has_near else []) + ["far AUROC", "FPR95"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in summary:
+        cells = [row["run"], row["detector"], str(row["seeds"]), _pm(row, "id_accuracy")]
+        cells += ([_pm(row, "near_auroc")] if has_near else []) + [_pm(row, "far_auroc"), _pm(row, "fpr95")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _pm(row: dict, name: str) -> str:
+    return f"{100 * row[name + '_mean']:.2f} ± {100 * row[name + '_std']:.2f}"

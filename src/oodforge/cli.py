@@ -1,0 +1,215 @@
+"""The ``oodforge`` command line: demo, train, score, bench, report, generate, datasets."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import typer
+import yaml
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Train, synthesize, score and benchmark OOD detectors for image classifiers.")
+console = Console(stderr=True)
+
+DEFAULT_DETECTORS = "msp,maxlogit,energy,odin"
+
+
+def _fail_cleanly(command: Callable) -> Callable:
+    """Turn expected errors (bad input, missing data, corrupt files) into one line and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from oodforge.data.datasets import CorruptImageError, DatasetNotFoundError
+        from oodforge.models.classifier import CheckpointError
+
+        try:
+            return command(*args, **kwargs)
+        except (DatasetNotFoundError, CorruptImageError, CheckpointError, FileNotFoundError, KeyError,
+                ValueError, FloatingPointError) as exc:
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _options(pairs: list[str] | None, what: str) -> dict:
+    """``["key=value", ...]`` -> dict with YAML-parsed values."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{what} {pair!r} must look like key=value")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def _evaluate_and_save(model, benchmark, detectors: str, out: Path, train_info: dict, checkpoint: str | None,
+                       batch_size: int, quiet: bool, cache: bool, method: str | None = None) -> dict:
+    from oodforge.evaluate import evaluate, parse_detector_spec
+    from oodforge.features import OutputCache
+    from oodforge.runs import print_results, run_payload, save_run
+
+    evaluation = evaluate(model, benchmark, parse_detector_spec(detectors), method=method, device=_device(),
+                          batch_size=batch_size, cache=OutputCache(enabled=cache), quiet=quiet)
+    _save_detectors(evaluation, out)
+    payload, scores = run_payload(benchmark, {method or "model": (model, evaluation, train_info, checkpoint)})
+    save_run(out, payload, scores)
+    print_results(payload, Console())
+    console.print(f"wrote {out / 'results.json'}, {out / 'scores.npz'}, {out / 'report.html'}")
+    return payload
+
+
+def _save_detectors(evaluation, out: Path) -> None:
+    """Detectors with learned state worth keeping (the flow) are saved beside the run."""
+    for name, detector in evaluation.detectors.items():
+        if hasattr(detector, "save"):
+            detector.save(out / "detectors" / f"{name}.pt")
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@app.command()
+@_fail_cleanly
+def demo(out: Path = typer.Option(Path("runs/demo"), help="Output folder."),
+         epochs: int = typer.Option(4, help="Training epochs of the small CNN."),
+         detectors: str = typer.Option("all", help="Comma-separated detectors, or 'all'."),
+         quiet: bool = typer.Option(False, "--quiet", help="No progress bars.")) -> None:
+    """Train the small CNN on Fashion-MNIST, then score every detector on every OOD set."""
+    from oodforge.data.benchmarks import get_benchmark
+    from oodforge.train import MODEL_CHECKPOINT, TrainConfig
+    from oodforge.train import train as run_training
+
+    config = TrainConfig(benchmark="fashion_mnist", epochs=epochs, lr=0.05)
+    model = run_training(config, out, resume=True, quiet=quiet)
+    _evaluate_and_save(model, get_benchmark("fashion_mnist"), detectors, out,
+                       {**asdict(config), "history": model.history}, str(out / MODEL_CHECKPOINT), 500, quiet, True)
+
+
+@app.command()
+@_fail_cleanly
+def train(benchmark: str = typer.Option("fashion_mnist", help="Benchmark whose ID training set is used."),
+          out: Path = typer.Option(Path("runs/train"), help="Output folder (checkpoints, results)."),
+          backbone: str | None = typer.Option(None, help="Backbone (default: the benchmark's)."),
+          head: str = typer.Option("linear", help="Classification head."),
+          head_option: list[str] | None = typer.Option(None, help="Head option key=value (repeatable)."),
+          loss: str = typer.Option("ce", help="Training loss."),
+          loss_option: list[str] | None = typer.Option(None, help="Loss option key=value (repeatable)."),
+          epochs: int = typer.Option(5), batch_size: int = typer.Option(128), lr: float = typer.Option(0.1),
+          weight_decay: float = typer.Option(5e-4), seed: int = typer.Option(0),
+          init: str | None = typer.Option(None, help="Fine-tune from this checkpoint or weights file."),
+          outliers: str | None = typer.Option(None, help="Dataset of training outliers (outlier exposure)."),
+          oe_weight: float = typer.Option(0.5, help="Weight of the outlier-exposure term."),
+          outlier_batch_size: int | None = typer.Option(None, help="Outliers per batch (default: batch size)."),
+          synthetic_id: str | None = typer.Option(None, help="Synthetic ID set mixed into batches (SIO)."),
+          real_ratio: float = typer.Option(0.8, help="Share of real images per batch with --synthetic-id."),
+          train_subset: int | None = typer.Option(None, help="Use only the first N training images."),
+          detectors: str = typer.Option(DEFAULT_DETECTORS, help="Detectors scored after training, or 'all'."),
+          accelerator: str = typer.Option("auto"), devices: str = typer.Option("1"),
+          num_nodes: int = typer.Option(1), strategy: str = typer.Option("auto"),
+          precision: str = typer.Option("32-true", help="Fabric precision, e.g. 16-mixed, bf16-mixed."),
+          resume: bool = typer.Option(True, help="Continue from OUT/last.ckpt if present."),
+          quiet: bool = typer.Option(False, "--quiet")) -> None:
+    """Train a classifier (any backbone, head, loss, data mix), then score it on its benchmark."""
+    from oodforge.data.benchmarks import get_benchmark
+    from oodforge.train import MODEL_CHECKPOINT, TrainConfig
+    from oodforge.train import train as run_training
+
+    config = TrainConfig(benchmark=benchmark, backbone=backbone, head=head, head_options=_options(head_option, "head option"),
+                         loss=loss, loss_options=_options(loss_option, "loss option"), epochs=epochs,
+                         batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, init=init,
+                         outliers=outliers, oe_weight=oe_weight, outlier_batch_size=outlier_batch_size,
+                         synthetic_id=synthetic_id, real_ratio=real_ratio, train_subset=train_subset,
+                         accelerator=accelerator, devices=int(devices) if devices.isdigit() else devices,
+                         num_nodes=num_nodes, strategy=strategy, precision=precision)
+    bench = get_benchmark(benchmark)
+    model = run_training(config, out, resume=resume, quiet=quiet)
+    _evaluate_and_save(model, bench, detectors, out, {**asdict(config), "history": model.history},
+                       str(out / MODEL_CHECKPOINT), 500, quiet, True)
+
+
+@app.command()
+@_fail_cleanly
+def score(benchmark: str = typer.Option(..., help="Benchmark to score on."),
+          model: str = typer.Option(..., help="An oodforge checkpoint, or a backbone name used with --weights."),
+          weights: Path | None = typer.Option(None, help="External weights for --model (e.g. resnet20-*.th)."),
+          detectors: str = typer.Option(DEFAULT_DETECTORS, help="Comma-separated detectors, or 'all'."),
+          out: Path = typer.Option(Path("runs/score"), help="Output folder."),
+          batch_size: int = typer.Option(500), cache: bool = typer.Option(True, help="Reuse cached outputs."),
+          quiet: bool = typer.Option(False, "--quiet")) -> None:
+    """Score a trained or pretrained classifier with post-hoc detectors on a benchmark."""
+    from oodforge.data.benchmarks import get_benchmark
+    from oodforge.models.classifier import ModelConfig, load_classifier
+    from oodforge.train import pretrained_config
+
+    bench = get_benchmark(benchmark)
+    if Path(model).is_file():
+        classifier, checkpoint = load_classifier(model), model
+    else:
+        if weights is None:
+            raise ValueError(f"--model {model!r} is not a checkpoint file; give its --weights too")
+        from oodforge.data.datasets import load_dataset
+
+        base = ModelConfig(backbone=model, num_classes=len(load_dataset(bench.id_dataset, "test").classes),
+                           in_channels=bench.image_shape[2], mean=bench.mean, std=bench.std)
+        classifier, checkpoint = load_classifier(weights, pretrained_config(base, weights)), str(weights)
+    _evaluate_and_save(classifier, bench, detectors, out, {}, checkpoint, batch_size, quiet, cache)
+
+
+@app.command()
+@_fail_cleanly
+def bench(config: Path = typer.Argument(..., help="YAML file: benchmark, detectors, seeds, runs."),
+          out: Path = typer.Option(Path("runs/bench"), help="Output folder."),
+          quiet: bool = typer.Option(False, "--quiet")) -> None:
+    """Train and score several recipes (and seeds) from a config file into one results.json + report."""
+    from oodforge.bench import run_bench
+
+    run_bench(config, out, quiet=quiet)
+
+
+@app.command()
+@_fail_cleanly
+def report(run_dir: Path = typer.Argument(..., help="Folder with results.json and scores.npz.")) -> None:
+    """Write RUN_DIR/report.html: results table, ROC curves, score histograms."""
+    from oodforge.report import write_report
+
+    console.print(f"wrote {write_report(run_dir)}")
+
+
+@app.command()
+def datasets() -> None:
+    """List registered datasets and benchmarks, and whether their files are found."""
+    from oodforge.data.benchmarks import BENCHMARKS, get_benchmark
+    from oodforge.data.datasets import DATASETS, data_root, load_dataset
+
+    out = Console()
+    out.print(f"data root: {data_root()} (set OODFORGE_DATA to change)")
+    for name in DATASETS.names():
+        try:
+            found = f"{len(load_dataset(name, 'test'))} test images"
+        except Exception as exc:  # report, do not stop
+            found = f"[red]{str(exc).splitlines()[0]}[/red]"
+        out.print(f"  {name:15s} {found}", highlight=False)
+    for name in BENCHMARKS.names():
+        b = get_benchmark(name)
+        out.print(f"benchmark {name}: ID {b.id_dataset}; OOD " + ", ".join(f"{k} ({v})" for k, v in b.ood.items()))
+
+
+def train_config_fields() -> list[str]:
+    """Names a bench config may set per run (the ``TrainConfig`` fields)."""
+    from oodforge.train import TrainConfig
+
+    return [f.name for f in fields(TrainConfig)]
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app(sys.argv[1:])

@@ -1,0 +1,85 @@
+"""Benchmarks: an ID dataset plus named near/far OOD sets, converted to the ID image format."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from oodforge.data.datasets import load_dataset
+from oodforge.data.imageset import ImageSet
+from oodforge.registry import Registry
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """An ID dataset, its OOD test sets (name -> "near" | "far"), and its training defaults."""
+
+    name: str
+    id_dataset: str
+    ood: dict[str, str]
+    image_shape: tuple[int, int, int]  # (H, W, C)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: str = "none"  # "none" or "crop_flip"
+    default_backbone: str = "small_cnn"
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def id_set(self, split: str, root: str | Path | None = None) -> ImageSet:
+        """The ID train or test split."""
+        return load_dataset(self.id_dataset, split, root)
+
+    def ood_set(self, name: str, root: str | Path | None = None) -> ImageSet:
+        """An OOD test set in the ID image size and channels."""
+        if name not in self.ood:
+            raise KeyError(f"{name!r} is not an OOD set of benchmark {self.name!r}; its sets: {sorted(self.ood)}")
+        images = load_dataset(name, "test", root, image_shape=self.image_shape)
+        return adapt_images(images, self.image_shape)
+
+    def train_transform(self) -> v2.Transform | None:
+        """Training augmentation on (C, H, W) float tensors."""
+        if self.augment == "crop_flip":
+            return v2.Compose([v2.RandomCrop(self.image_shape[0], padding=4), v2.RandomHorizontalFlip()])
+        return None
+
+
+BENCHMARKS: Registry[Benchmark] = Registry("benchmark")
+
+
+def _register(benchmark: Benchmark) -> None:
+    BENCHMARKS.register(benchmark.name)(lambda: benchmark)
+
+
+_register(Benchmark("fashion_mnist", "fashion_mnist", {"mnist": "far", "notmnist": "far", "gaussian": "far"},
+                    (28, 28, 1), (0.2860,), (0.3530,)))
+_register(Benchmark("mnist", "mnist", {"fashion_mnist": "far", "notmnist": "far", "gaussian": "far"},
+                    (28, 28, 1), (0.1307,), (0.3081,)))
+_register(Benchmark("cifar10", "cifar10",
+                    {"tiny_imagenet": "near", "mnist": "far", "dtd": "far", "gaussian": "far"},
+                    (32, 32, 3), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+                    augment="crop_flip", default_backbone="resnet20"))
+
+
+def get_benchmark(name: str) -> Benchmark:
+    """The benchmark registered as ``name``."""
+    return BENCHMARKS.create(name)
+
+
+def adapt_images(images: ImageSet, shape: tuple[int, int, int], batch: int = 2048) -> ImageSet:
+    """Resize (antialiased bilinear) and convert channels (gray <-> RGB) to ``shape`` = (H, W, C)."""
+    height, width, channels = shape
+    if images.image_shape == tuple(shape):
+        return images
+    out = np.empty((len(images), height, width, channels), np.uint8)
+    for start in range(0, len(images), batch):
+        chunk = torch.from_numpy(images.images[start:start + batch]).permute(0, 3, 1, 2)
+        if chunk.shape[1] != channels:
+            chunk = chunk.expand(-1, 3, -1, -1) if channels == 3 else TF.rgb_to_grayscale(chunk)
+        if chunk.shape[2:] != (height, width):
+            chunk = TF.resize(chunk, [height, width], antialias=True)
+        out[start:start + batch] = chunk.permute(0, 2, 3, 1).numpy()
+    return ImageSet(images.name, out, images.labels, images.classes)

@@ -1,0 +1,342 @@
+"""Dataset registry: ``name -> ImageSet`` read from ``$OODFORGE_DATA`` with the field's own loaders.
+
+Every factory has the signature ``factory(root: Path, split: str, image_shape=None) -> ImageSet``.
+Decoded archives and folders are cached as ``.npy`` under ``$OODFORGE_CACHE`` (default
+``~/.cache/oodforge``) so a second run does not decode again.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import zipfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torchvision
+from PIL import Image, UnidentifiedImageError
+from torchvision.datasets.mnist import read_image_file, read_label_file
+
+from oodforge.data.imageset import ImageSet
+from oodforge.io import atomic_json, atomic_npy
+from oodforge.registry import Registry
+
+DATASETS: Registry[ImageSet] = Registry("dataset")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+SPLITS = ("train", "test")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are not where oodforge looked for them."""
+
+    def __init__(self, name: str, folder: Path, detail: str = "") -> None:
+        hint = "; set OODFORGE_DATA to the folder that holds it"
+        super().__init__(f"dataset {name!r} not found in {folder}{': ' + detail if detail else ''}{hint}")
+
+
+class CorruptImageError(ValueError):
+    """An image file that cannot be decoded; the message names the file."""
+
+
+def data_root() -> Path:
+    """``$OODFORGE_DATA``, else ``./data``."""
+    return Path(os.environ.get("OODFORGE_DATA", "data")).expanduser()
+
+
+def cache_root() -> Path:
+    """``$OODFORGE_CACHE``, else ``~/.cache/oodforge`` (the data folder may be read-only)."""
+    return Path(os.environ.get("OODFORGE_CACHE", Path.home() / ".cache" / "oodforge")).expanduser()
+
+
+def load_dataset(spec: str, split: str = "test", root: str | Path | None = None,
+                 image_shape: tuple[int, int, int] | None = None) -> ImageSet:
+    """Load a registered dataset, ``folder:<dir or .tar.gz/.zip>`` or ``synthetic:<dir>``.
+
+    ``image_shape`` (H, W, C) is used by generated sets (noise) to match the ID images.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if spec.startswith("folder:"):
+        return image_folder(Path(spec.split(":", 1)[1]), name=spec)
+    if spec.startswith("synthetic:"):
+        from oodforge.data.synthetic import load_synthetic
+
+        return load_synthetic(Path(spec.split(":", 1)[1]))
+    root = Path(root) if root is not None else data_root()
+    return DATASETS.get(spec)(root=root, split=split, image_shape=image_shape)
+
+
+def dataset_names() -> list[str]:
+    """Registered dataset names (plus the ``folder:`` and ``synthetic:`` prefixes)."""
+    return DATASETS.names()
+
+
+# ---------------------------------------------------------------- decoding and caching
+
+
+def decode_image(data: bytes, source: str) -> np.ndarray:
+    """Decode image bytes to uint8 (H, W, C) RGB or (H, W, 1) grayscale; errors name ``source``."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            mode = "L" if image.mode in ("L", "1", "I;16", "I") else "RGB"
+            array = np.asarray(image.convert(mode))
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise CorruptImageError(f"cannot decode image {source}: {exc}") from exc
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def _iter_archive(path: Path) -> Iterator[tuple[str, bytes]]:
+    """Yield (member name, bytes) of the image files in a .tar(.gz) or .zip archive, sorted by name."""
+    return ((name, data) for name, data in sorted(_iter_all(path)) if name.lower().endswith(IMAGE_SUFFIXES))
+
+
+def _iter_all(path: Path) -> Iterator[tuple[str, bytes]]:
+    """Every file of a folder, .zip or .tar(.gz) archive; tar archives are streamed in stored order."""
+    if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            yield str(file.relative_to(path)), file.read_bytes()
+        return
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if not name.endswith("/"):
+                    yield name, archive.read(name)
+        return
+    try:
+        with tarfile.open(path, "r|*") as archive:
+            for member in archive:
+                if member.isfile():
+                    yield member.name, archive.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise CorruptImageError(f"cannot read archive {path}: {exc}") from exc
+
+
+def _iter_folder(path: Path) -> Iterator[tuple[str, bytes]]:
+    for file in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        yield str(file.relative_to(path)), file.read_bytes()
+
+
+def iter_images(path: Path) -> Iterator[tuple[str, bytes]]:
+    """(relative name, bytes) of every image in a folder or archive, in sorted order."""
+    return _iter_folder(path) if path.is_dir() else _iter_archive(path)
+
+
+def stack_uniform(arrays: list[np.ndarray]) -> np.ndarray:
+    """Stack images; grayscale joins RGB as three equal channels; if sizes differ, each is
+    centre-cropped to a square and resized to the commonest side."""
+    if len({a.shape[2] for a in arrays}) > 1:
+        arrays = [np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a for a in arrays]
+    if len({a.shape for a in arrays}) == 1:
+        return np.stack(arrays)
+    side = Counter(min(a.shape[:2]) for a in arrays).most_common(1)[0][0]
+    channels = max(a.shape[2] for a in arrays)
+    out = np.empty((len(arrays), side, side, channels), np.uint8)
+    for i, array in enumerate(arrays):
+        h, w = array.shape[:2]
+        s = min(h, w)
+        crop = array[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+        image = Image.fromarray(crop[:, :, 0] if crop.shape[2] == 1 else crop)
+        image = image.convert("RGB" if channels == 3 else "L").resize((side, side), Image.BILINEAR)
+        resized = np.asarray(image)
+        out[i] = resized[:, :, None] if resized.ndim == 2 else resized
+    return out
+
+
+def cached_arrays(key: str, source: Path, build: Callable[[], tuple[np.ndarray, np.ndarray, list[str]]]
+                  ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Return (images, labels, classes) from the cache, building and saving them on a miss.
+
+    The cache entry is keyed by ``key`` and the source's size and modification time.
+    """
+    stat = source.stat()
+    folder = cache_root() / "datasets" / f"{key}-{stat.st_size}-{int(stat.st_mtime)}"
+    files = folder / "images.npy", folder / "labels.npy", folder / "classes.json"
+    if all(f.is_file() for f in files):
+        try:
+            return np.load(files[0]), np.load(files[1]), json.loads(files[2].read_text())
+        except (OSError, ValueError):
+            pass  # a damaged cache entry is rebuilt below
+    images, labels, classes = build()
+    atomic_npy(images, files[0])
+    atomic_npy(labels, files[1])
+    atomic_json(classes, files[2])
+    return images, labels, classes
+
+
+def image_folder(path: Path, name: str | None = None, prefix: str = "") -> ImageSet:
+    """Read ``<class>/<image>`` folders (or a .tar.gz/.zip of them); labels follow sorted class names.
+
+    ``prefix`` keeps only members under that path inside the folder or archive (e.g. ``train/``).
+    """
+    name = name or path.name
+    if not path.exists():
+        raise DatasetNotFoundError(name, path.parent, f"no folder or archive {path.name}")
+
+    def build() -> tuple[np.ndarray, np.ndarray, list[str]]:
+        files = [(m, d) for m, d in iter_images(path) if m.startswith(prefix)]
+        if not files:
+            raise DatasetNotFoundError(name, path, f"no image files under {prefix or 'its top level'}")
+        arrays = [decode_image(data, f"{path}:{member}") for member, data in files]
+        class_names = [Path(member).parent.name for member, _ in files]
+        classes = sorted(set(class_names))
+        index = {c: i for i, c in enumerate(classes)}
+        return stack_uniform(arrays), np.array([index[c] for c in class_names], np.int64), classes
+
+    images, labels, classes = cached_arrays(f"folder-{_slug(path)}-{_slug_text(prefix)}", path, build)
+    return ImageSet(name, images, labels, classes)
+
+
+def _slug(path: Path) -> str:
+    return _slug_text(str(path.resolve()))[-80:]
+
+
+def _slug_text(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text)
+
+
+def _require(name: str, root: Path, *paths: Path) -> None:
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise DatasetNotFoundError(name, root, "missing " + ", ".join(str(p.relative_to(root)) for p in missing))
+
+
+# ---------------------------------------------------------------- registered datasets
+
+Shape = tuple[int, int, int] | None
+
+
+def _torchvision_idx(name: str, cls: type, folder: str, root: Path, split: str) -> ImageSet:
+    """MNIST-style torchvision datasets; downloads only when the files are absent and the network allows."""
+    train = split == "train"
+    try:
+        dataset = cls(str(root), train=train, download=False)
+    except RuntimeError:
+        try:
+            dataset = cls(str(root), train=train, download=True)
+        except Exception as exc:  # no network, read-only root, ...
+            raise DatasetNotFoundError(name, root / folder / "raw", f"download failed ({exc})") from None
+    images = dataset.data.numpy()[:, :, :, None]
+    return ImageSet(name, images, dataset.targets.numpy().astype(np.int64), list(dataset.classes))
+
+
+@DATASETS.register("mnist")
+def mnist(root: Path, split: str, image_shape: Shape = None) -> ImageSet:
+    """MNIST digits (torchvision ``MNIST`` layout: ``MNIST/raw``)."""
+    return _torchvision_idx("mnist", torchvision.datasets.MNIST, "MNIST", root, split)
+
+
+@DATASETS.register("fashion_mnist")
+def fashion_mnist(root: Path, split: str, image_shape: Shape = None) -> ImageSet:
+    """Fashion-MNIST (torchvision ``FashionMNIST`` layout: ``FashionMNIST/raw``)."""
+    return _torchvision_idx("fashion_mnist", torchvision.datasets.FashionMNIST, "FashionMNIST", root, split)
+
+
+@DATASETS.register("notmnist")
+def notmnist(root: Path, split: str, image_shape: Shape = None) -> ImageSet:
+    """notMNIST letters A-J, test split only (IDX files in ``notMNIST/raw``); no public download."""
+    if split != "test":
+        raise ValueError("notmnist has only a test split")
+    raw = root / "notMNIST" / "raw"
+    images_file, labels_file = raw / "t10k-images-idx3-ubyte", raw / "t10k-labels-idx1-ubyte"
+    _require("notmnist", root, images_file, labels_file)
+    images = read_image_file(str(images_file)).numpy()[:, :, :, None]
+    labels = read_label_file(str(labels_file)).numpy().astype(np.int64)
+    return ImageSet("notmnist", images, labels, list("ABCDEFGHIJ"))
+
+
+@DATASETS.register("cifar10")
+def cifar10(root: Path, split: str, image_shape: Shape = None) -> ImageSet:
+    """CIFAR-10: torchvision's ``cifar-10-batches-py`` when present, else ``cifar10-jpeg.tar.gz``."""
+    if (root / "cifar-10-batches-py").is_dir():
+        dataset = torchvision.datasets.CIFAR10(str(root), train=split == "train", download=False)
+        return ImageSet("cifar10", dataset.data, np.asarray(dataset.targets, np.int64), list(dataset.classes))
+    for candidate in (root / "cifar10-jpeg.tar.gz", root / "cifar10_jpg"):
+        if candidate.exists():
+            return _renamed(image_folder(candidate, prefix=_archive_prefix(candidate, "cifar10_jpg", split)),
+                            "cifar10")
+    raise DatasetNotFoundError("cifar10", root, "neither cifar-10-batches-py nor cifar10-jpeg.tar.gz")
+
+
+def _archive_prefix(path: Path, top: str, sub: str) -> str:
+    return f"{sub}/" if path.is_dir() else f"{top}/{sub}/"
+
+
+def _renamed(images: ImageSet, name: str) -> ImageSet:
+    images.name = name
+    return images
+
+
+@DATASETS.register("tiny_imagenet")
+def tiny_imagenet(root: Path, split: str, image_shape: Shape = None) -> ImageSet:
+    """Tiny ImageNet validation images ``val_0``-``val_9999`` (64x64, 200 classes); test split only."""
+    if split != "test":
+        raise ValueError("tiny_imagenet provides only its validation images (split 'test')")
+    path = root / "tiny-imagenet-200-val.tar.gz"
+    if not path.exists():
+        path = root / "tiny-imagenet-200"
+    if not path.exists():
+        raise DatasetNotFoundError("tiny_imagenet", root, "no tiny-imagenet-200-val.tar.gz or tiny-imagenet-200/")
+
+    def build() -> tuple[np.ndarray, np.ndarray, list[str]]:
+        annotations: dict[str, str] = {}
+        images: dict[int, np.ndarray] = {}
+        for member, data in _iter_all(path):
+            base = Path(member).name
+            if base == "val_annotations.txt":
+                for line in data.decode().splitlines():
+                    file, wnid = line.split("\t")[:2]
+                    annotations[file] = wnid
+            elif base.startswith("val_") and base.endswith(".JPEG") and int(base[4:-5]) < 10000:
+                images[int(base[4:-5])] = decode_image(data, f"{path}:{member}")
+        order = sorted(images)
+        if len(order) != 10000 or not annotations:
+            raise DatasetNotFoundError("tiny_imagenet", root, f"expected 10000 val images, found {len(order)}")
+        wnids = [annotations[f"val_{i}.JPEG"] for i in order]
+        classes = sorted(set(wnids))
+        index = {c: i for i, c in enumerate(classes)}
+        return stack_uniform([images[i] for i in order]), np.array([index[w] for w in wnids], np.int64), classes
+
+    images, labels, classes = cached_arrays("tiny_imagenet_val", path, build)
+    return ImageSet("tiny_imagenet", images, labels, classes)
+
+
+@DATASETS.register("dtd")
+def dtd(root: Path, split: str, image_shape: Shape = None) -> ImageSet:
+    """Describable Textures, the 10-class subset ``dtd-subset-128`` (archive or extracted folder).
+
+    Images differ in size; they are centre-cropped to squares of the commonest shorter side (128).
+    """
+    for candidate in (root / "dtd-subset-128.tar.gz", root / "dtd-subset-128"):
+        if candidate.exists():
+            return _renamed(image_folder(candidate, prefix=_archive_prefix(candidate, "dtd-subset-128", "images")),
+                            "dtd")
+    raise DatasetNotFoundError("dtd", root, "no dtd-subset-128.tar.gz or dtd-subset-128/")
+
+
+NOISE_SIZE = 10_000
+
+
+def _noise(name: str, split: str, image_shape: Shape, draw: Callable[[np.random.Generator, tuple], np.ndarray]
+           ) -> ImageSet:
+    shape = image_shape or (32, 32, 3)
+    rng = np.random.default_rng(0 if split == "test" else 1)
+    pixels = draw(rng, (NOISE_SIZE, *shape))
+    images = np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
+    return ImageSet(name, images, np.full(NOISE_SIZE, -1, np.int64))
+
+
+@DATASETS.register("gaussian")
+def gaussian(root: Path, split: str, image_shape: Shape = None) -> ImageSet:
+    """10,000 images of i.i.d. N(0.5, 0.25^2) pixels clipped to [0, 1], in the ID image shape."""
+    return _noise("gaussian", split, image_shape, lambda rng, shape: rng.normal(0.5, 0.25, shape))
+
+
+@DATASETS.register("uniform")
+def uniform(root: Path, split: str, image_shape: Shape = None) -> ImageSet:
+    """10,000 images of i.i.d. U[0, 1] pixels, in the ID image shape."""
+    return _noise("uniform", split, image_shape, lambda rng, shape: rng.uniform(0.0, 1.0, shape))

@@ -1,0 +1,61 @@
+"""``ImageSet``: a decoded dataset held in memory as uint8 arrays, and its torch view."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+
+@dataclass
+class ImageSet:
+    """Images as uint8 (N, H, W, C) plus int64 labels (-1 where unlabeled) and class names."""
+
+    name: str
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise ValueError(f"{self.name}: images must be uint8 (N, H, W, C), got {self.images.dtype} "
+                             f"{self.images.shape}")
+        if len(self.labels) != len(self.images):
+            raise ValueError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C)."""
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def subset(self, index: np.ndarray, name: str | None = None) -> ImageSet:
+        """The images at ``index`` (array of positions or boolean mask)."""
+        return ImageSet(name or self.name, self.images[index], self.labels[index], self.classes)
+
+    def torch_dataset(self, transform: Callable[[Tensor], Tensor] | None = None) -> TensorImages:
+        """A torch ``Dataset`` yielding (float image in [0, 1] of shape (C, H, W), label)."""
+        return TensorImages(self, transform)
+
+
+class TensorImages(Dataset):
+    """Torch view of an ``ImageSet``; ``transform`` acts on the (C, H, W) float tensor."""
+
+    def __init__(self, images: ImageSet, transform: Callable[[Tensor], Tensor] | None = None) -> None:
+        self.images = images
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image = torch.from_numpy(self.images.images[index]).permute(2, 0, 1).float().div_(255.0)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.images.labels[index])

@@ -1,0 +1,15 @@
+"""Post-hoc OOD detectors; importing this package registers all of them in ``DETECTORS``."""
+
+from oodforge.detectors import (  # noqa: F401  (imported to register)
+    cosine,
+    flow,
+    knn,
+    logits,
+    mahalanobis,
+    react,
+    semantic_energy,
+    vim,
+)
+from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs, NotFittedError, create_detector
+
+__all__ = ["DETECTORS", "Detector", "ModelOutputs", "NotFittedError", "create_detector"]

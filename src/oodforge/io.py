@@ -1,0 +1,58 @@
+"""Atomic file writes: a crash never leaves a half-written result, checkpoint or cache file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` that never leaves a partial file."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_json(obj: Any, path: str | Path) -> Path:
+    """Write ``obj`` as indented JSON atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def atomic_npz(arrays: dict[str, np.ndarray], path: str | Path) -> Path:
+    """``np.savez`` of ``arrays`` atomically (keys may contain ``/``)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+
+    return atomic_write(path, write)
+
+
+def atomic_npy(array: np.ndarray, path: str | Path) -> Path:
+    """``np.save`` of one array atomically."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.save(handle, array)
+
+    return atomic_write(path, write)

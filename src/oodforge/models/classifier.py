@@ -1,0 +1,155 @@
+"""A classifier = input normalization + backbone (features) + head (logits), with checkpoint I/O."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from oodforge.io import atomic_torch_save
+from oodforge.models.backbones import create_backbone
+from oodforge.models.heads import create_head
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a classifier before loading its weights."""
+
+    backbone: str = "small_cnn"
+    head: str = "linear"
+    num_classes: int = 10
+    in_channels: int = 1
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    head_options: dict = field(default_factory=dict)
+
+
+class Classifier(nn.Module):
+    """Image classifier exposing ``features(x)`` (penultimate) and ``logits(x)``; inputs in [0, 1]."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.register_buffer("mean", torch.tensor(config.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(config.std).view(1, -1, 1, 1), persistent=False)
+        self.backbone = create_backbone(config.backbone, in_channels=config.in_channels)
+        self.head = create_head(
+            config.head, self.backbone.feature_dim, config.num_classes, **config.head_options
+        )
+
+    def features(self, x: Tensor) -> Tensor:
+        """Penultimate features h(x), shape (N, D)."""
+        return self.backbone((x - self.mean) / self.std)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Test-time logits f(x), shape (N, C)."""
+        return self.head(self.features(x))
+
+    def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Logits; with ``labels`` during training, margin heads apply their margins."""
+        return self.head(self.features(x), labels)
+
+
+def build_classifier(config: ModelConfig) -> Classifier:
+    """A freshly initialised classifier for ``config``."""
+    return Classifier(config)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or weights file that cannot be read or does not fit the model."""
+
+
+def save_classifier(model: Classifier, path: str | Path, extra: dict | None = None) -> None:
+    """Write ``model`` (config + weights + ``extra``) to ``path`` atomically."""
+    state = {
+        "format": "oodforge-classifier",
+        "model_config": asdict(model.config),
+        "state_dict": model.state_dict(),
+        "extra": extra or {},
+    }
+    if getattr(model, "class_centres", None) is not None:
+        state["class_centres"] = model.class_centres.detach().cpu()
+    atomic_torch_save(state, Path(path))
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint dictionary, naming the file on any failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many kinds for a damaged file
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.__class__.__name__}: {exc}") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} does not hold a dictionary")
+    return state
+
+
+def load_classifier(path: str | Path, config: ModelConfig | None = None) -> Classifier:
+    """Rebuild a classifier from an oodforge checkpoint, or load external weights into ``config``.
+
+    External weights may be a plain state dict or a ``{"state_dict": ...}`` dict, with or without a
+    ``module.`` prefix; the final linear layer may be named ``linear``, ``fc`` or ``head``.
+    """
+    state = read_checkpoint(path)
+    if state.get("format") == "oodforge-classifier":
+        model = build_classifier(ModelConfig(**_tuples(state["model_config"])))
+        _load_state(model, state["state_dict"], path)
+        if "class_centres" in state:
+            model.class_centres = state["class_centres"]
+        return model
+    if state.get("format") == "oodforge-training":
+        return load_classifier_from_training(state, path)
+    if config is None:
+        raise CheckpointError(f"{path} is not an oodforge checkpoint; name the --model it belongs to")
+    model = build_classifier(config)
+    _load_state(model, _external_state_dict(state), path)
+    return model
+
+
+def load_classifier_from_training(state: dict, path: str | Path) -> Classifier:
+    """The classifier inside a training checkpoint (see ``oodforge.train``)."""
+    model = build_classifier(ModelConfig(**_tuples(state["model_config"])))
+    _load_state(model, state["model"], path)
+    return model
+
+
+def _tuples(config: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+
+
+def _external_state_dict(state: dict) -> dict:
+    state = state.get("state_dict", state)
+    renamed = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        for old in ("linear.", "fc.", "classifier."):
+            if key.startswith(old):
+                key = "head." + key[len(old):]
+                break
+        else:
+            key = "backbone." + key
+        renamed[key] = value
+    return renamed
+
+
+def _load_state(model: nn.Module, state_dict: dict, path: str | Path) -> None:
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"weights in {path} do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+def file_hash(path: str | Path, length: int = 12) -> str:
+    """Short SHA-256 of a file's bytes, used to key caches by checkpoint."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:length]

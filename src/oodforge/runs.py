@@ -1,0 +1,68 @@
+"""Assembling, writing and printing one run: results.json + scores.npz + report.html + a table."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from oodforge.data.benchmarks import Benchmark
+from oodforge.evaluate import Evaluation, mean_auroc, write_run
+from oodforge.models.classifier import Classifier
+
+
+def model_summary(model: Classifier, evaluation: Evaluation, checkpoint: str | None = None) -> dict:
+    """The ``model`` block of results.json: config, parameter count, checkpoint, feature diagnostics."""
+    return {**asdict(model.config), "parameters": sum(p.numel() for p in model.parameters()),
+            "checkpoint": checkpoint, "diagnostics": evaluation.diagnostics}
+
+
+def run_payload(benchmark: Benchmark, evaluations: dict[str, tuple[Classifier, Evaluation, dict, str | None]]
+                ) -> tuple[dict, dict[str, np.ndarray]]:
+    """results.json content and scores for one or several methods (method -> (model, eval, train, ckpt))."""
+    several = len(evaluations) > 1
+    first_model, first, first_train, first_ckpt = next(iter(evaluations.values()))
+    payload = {"benchmark": benchmark.name, "id_dataset": benchmark.id_dataset, "id_accuracy": first.id_accuracy,
+               "model": model_summary(first_model, first, first_ckpt), "train": first_train,
+               "ood_sets": benchmark.ood, "results": [], "timings": first.timings}
+    scores: dict[str, np.ndarray] = {}
+    for method, (model, evaluation, train, ckpt) in evaluations.items():
+        payload["results"].extend(evaluation.results)
+        scores.update(evaluation.scores)
+        if several:
+            payload.setdefault("methods", {})[method] = {
+                "id_accuracy": evaluation.id_accuracy, "model": model_summary(model, evaluation, ckpt),
+                "train": train, "timings": evaluation.timings}
+    return payload, scores
+
+
+def save_run(out_dir: Path, payload: dict, scores: dict[str, np.ndarray], report: bool = True) -> None:
+    """Write the run files and (by default) the HTML report."""
+    write_run(out_dir, payload, scores)
+    if report:
+        from oodforge.report import write_report
+
+        write_report(out_dir)
+
+
+def print_results(payload: dict, console: Console | None = None) -> None:
+    """A table: one row per (method, detector), AUROC per OOD set, mean near/far AUROC and mean FPR95."""
+    console = console or Console()
+    results = payload["results"]
+    ood_sets = list(payload["ood_sets"])
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    table = Table(title=f"{payload['benchmark']}: AUROC % (ID accuracy {100 * payload['id_accuracy']:.2f}%)")
+    for column in (["method"] if len(methods) > 1 else []) + ["detector"] + ood_sets + ["near", "far", "FPR95"]:
+        table.add_column(column, justify="left" if column in ("method", "detector") else "right")
+    for method in methods:
+        for detector in dict.fromkeys(r["detector"] for r in results if r["method"] == method):
+            rows = {r["ood_dataset"]: r for r in results if r["method"] == method and r["detector"] == detector}
+            cells = [f"{100 * rows[s]['auroc']:.2f}" for s in ood_sets]
+            groups = [mean_auroc(results, detector, g, method) for g in ("near", "far")]
+            fpr = np.mean([r["fpr95"] for r in rows.values()])
+            table.add_row(*([method] if len(methods) > 1 else []), detector, *cells,
+                          *("-" if np.isnan(g) else f"{100 * g:.2f}" for g in groups), f"{100 * fpr:.2f}")
+    console.print(table)

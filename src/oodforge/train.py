@@ -1,0 +1,265 @@
+"""One training loop on Lightning Fabric: a recipe = backbone + head + loss + data mix + outliers."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning_fabric import Fabric
+from torch import Tensor, nn
+from torch.utils.data import ConcatDataset, DataLoader
+
+from oodforge.data.benchmarks import Benchmark, adapt_images, get_benchmark
+from oodforge.data.datasets import load_dataset
+from oodforge.data.imageset import ImageSet
+from oodforge.data.sampling import MixedBatchSampler
+from oodforge.io import atomic_json, atomic_torch_save
+from oodforge.losses import LOSSES, LossInputs, create_loss
+from oodforge.losses.outlier_exposure import uniform_cross_entropy
+from oodforge.models.classifier import (
+    CheckpointError,
+    Classifier,
+    ModelConfig,
+    build_classifier,
+    load_classifier,
+    read_checkpoint,
+    save_classifier,
+)
+from oodforge.progress import progress_bar
+
+LAST_CHECKPOINT = "last.ckpt"
+MODEL_CHECKPOINT = "model.ckpt"
+
+
+@dataclass
+class TrainConfig:
+    """A training recipe. Defaults: SGD (momentum 0.9, Nesterov) with a cosine schedule, seeded."""
+
+    benchmark: str = "fashion_mnist"
+    backbone: str | None = None  # None: the benchmark's default
+    head: str = "linear"
+    head_options: dict = field(default_factory=dict)
+    loss: str = "ce"
+    loss_options: dict = field(default_factory=dict)
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    init: str | None = None  # fine-tune from this checkpoint or weights file
+    outliers: str | None = None  # dataset spec of training outliers
+    oe_weight: float = 0.5
+    outlier_batch_size: int | None = None  # None: same as batch_size
+    synthetic_id: str | None = None  # synthetic ID set (SIO)
+    real_ratio: float = 0.8
+    train_subset: int | None = None  # use only the first N training images (quick runs, tests)
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+
+
+def make_model(config: TrainConfig, benchmark: Benchmark) -> Classifier:
+    """The classifier a recipe trains: fresh, or loaded from ``config.init``."""
+    height, width, channels = benchmark.image_shape
+    model_config = ModelConfig(backbone=config.backbone or benchmark.default_backbone, head=config.head,
+                               num_classes=len(benchmark.id_set("test").classes), in_channels=channels,
+                               mean=benchmark.mean, std=benchmark.std, head_options=dict(config.head_options))
+    if not config.init:
+        return build_classifier(model_config)
+    init = load_classifier(config.init, pretrained_config(model_config, config.init))
+    model = build_classifier(init.config if _same_head(init.config, model_config) else
+                             _with_head(init.config, model_config))
+    missing = model.load_state_dict(init.state_dict(), strict=False)
+    if missing.unexpected_keys:
+        raise CheckpointError(f"{config.init}: unexpected weights {missing.unexpected_keys[:5]}")
+    return model
+
+
+def _same_head(a: ModelConfig, b: ModelConfig) -> bool:
+    return a.head == b.head and a.head_options == b.head_options
+
+
+def _with_head(base: ModelConfig, wanted: ModelConfig) -> ModelConfig:
+    return ModelConfig(base.backbone, wanted.head, base.num_classes, base.in_channels, base.mean, base.std,
+                       wanted.head_options)
+
+
+def pretrained_config(config: ModelConfig, weights: str | Path) -> ModelConfig:
+    """``config`` adjusted for known external weights (the CIFAR ResNets use ImageNet statistics)."""
+    if Path(weights).name.startswith(("resnet20-", "resnet32-", "resnet44-", "resnet56-")):
+        return ModelConfig(Path(weights).name.split("-")[0], "linear", config.num_classes, 3,
+                           (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    return config
+
+
+class TrainStep(nn.Module):
+    """Model + loss in one module so Fabric (and DDP) sees every trainable parameter."""
+
+    def __init__(self, model: Classifier, loss: nn.Module, oe_weight: float) -> None:
+        super().__init__()
+        self.model, self.loss = model, loss
+        self.oe_weight = oe_weight
+
+    def forward(self, x: Tensor, y: Tensor, x_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        n = x.shape[0]
+        features = self.model.features(x if x_out is None else torch.cat([x, x_out]))
+        id_features, out_features = features[:n], (None if x_out is None else features[n:])
+        logits = self.model.head(id_features, y)
+        plain = self.model.head(features)
+        batch = LossInputs(logits, y, id_features, plain[:n], None if x_out is None else plain[n:], out_features)
+        loss = self.loss(batch)
+        if x_out is not None and not getattr(self.loss, "uses_outliers", False):
+            loss = loss + self.oe_weight * uniform_cross_entropy(batch.outlier_logits)
+        return loss, logits.detach()
+
+
+def build_loss(config: TrainConfig, model: Classifier) -> nn.Module:
+    """The recipe's loss; losses that declare ``num_classes``/``feature_dim`` get them."""
+    accepted = inspect.signature(LOSSES.get(config.loss)).parameters
+    extra = {"num_classes": model.config.num_classes, "feature_dim": model.backbone.feature_dim}
+    return create_loss(config.loss, **config.loss_options, **{k: v for k, v in extra.items() if k in accepted})
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(), "python": random.getstate()[1]}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 624, 0, 0.0))
+    random.setstate((3, tuple(state["python"]), None))
+
+
+def training_data(config: TrainConfig, benchmark: Benchmark) -> tuple[ImageSet, ImageSet | None, ImageSet | None]:
+    """(real ID train set, synthetic ID set or None, outlier set or None), all in the ID image format."""
+    real = benchmark.id_set("train")
+    if config.train_subset:
+        real = real.subset(np.arange(min(config.train_subset, len(real))))
+    synthetic = adapt_images(load_dataset(config.synthetic_id, "train"), benchmark.image_shape) \
+        if config.synthetic_id else None
+    outliers = None
+    if config.outliers:
+        check_outlier_source(benchmark, config.outliers)
+        outliers = adapt_images(load_dataset(config.outliers, "train", image_shape=benchmark.image_shape),
+                                benchmark.image_shape)
+    return real, synthetic, outliers
+
+
+def check_outlier_source(benchmark: Benchmark, source: str) -> None:
+    """Refuse training outliers drawn from one of the benchmark's test OOD sets."""
+    if source in benchmark.ood:
+        raise ValueError(f"outlier source {source!r} is a test OOD set of benchmark {benchmark.name!r}; "
+                         f"train on a disjoint source")
+
+
+def _cycle(loader: DataLoader) -> Iterator:
+    while True:
+        yield from loader
+
+
+def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, quiet: bool = False,
+          stop_after_epochs: int | None = None) -> Classifier:
+    """Train a classifier per ``config`` into ``out_dir``; resumes from ``out_dir/last.ckpt``.
+
+    A checkpoint is written atomically after every epoch; ``stop_after_epochs`` ends the run early
+    (as a kill would), which tests use to check resumption.
+    """
+    out_dir = Path(out_dir)
+    fabric = Fabric(accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
+                    strategy=config.strategy, precision=config.precision)
+    fabric.launch()
+    seed_everything(config.seed)
+    benchmark = get_benchmark(config.benchmark)
+    model = make_model(config, benchmark)
+    loss_fn = build_loss(config, model)
+    step = TrainStep(model, loss_fn, config.oe_weight)
+    optimizer = torch.optim.SGD(step.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay, nesterov=config.momentum > 0)
+    real, synthetic, outliers = training_data(config, benchmark)
+    transform = benchmark.train_transform()
+    datasets = [real.torch_dataset(transform)] + ([synthetic.torch_dataset(transform)] if synthetic else [])
+    sampler = MixedBatchSampler(len(real), config.batch_size, len(synthetic) if synthetic else 0,
+                                config.real_ratio, config.seed, fabric.global_rank, fabric.world_size)
+    loader = DataLoader(ConcatDataset(datasets), batch_sampler=sampler)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * len(sampler))
+    history: list[dict] = []
+    start_epoch = 0
+    last = out_dir / LAST_CHECKPOINT
+    if resume and last.is_file():
+        state = read_checkpoint(last)
+        if state.get("train_config") != asdict(config):
+            raise CheckpointError(f"{last} was written by a different recipe; use a new --out or --no-resume")
+        step.load_state_dict(state["step"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start_epoch, history = state["epoch"], state["history"]
+    step, optimizer = fabric.setup(step, optimizer)
+    outlier_batches = None
+    if outliers is not None:
+        generator = torch.Generator().manual_seed(config.seed + 1)
+        outlier_loader = DataLoader(outliers.torch_dataset(transform), shuffle=True, drop_last=True,
+                                    batch_size=min(config.outlier_batch_size or config.batch_size, len(outliers)),
+                                    generator=generator)
+        outlier_batches = _cycle(outlier_loader)
+    with progress_bar(quiet or not fabric.is_global_zero) as bar:
+        task = bar.add_task("train", total=(config.epochs - start_epoch) * len(sampler))
+        for epoch in range(start_epoch, config.epochs):
+            if stop_after_epochs is not None and epoch >= stop_after_epochs:
+                break
+            tic = time.perf_counter()
+            sampler.set_epoch(epoch)
+            step.train()
+            total_loss, correct, seen = 0.0, 0, 0
+            for x, y in loader:
+                x, y = fabric.to_device((x, y))
+                x_out = fabric.to_device(next(outlier_batches)[0]) if outlier_batches else None
+                loss, logits = step(x, y, x_out)
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}; lower --lr")
+                optimizer.zero_grad(set_to_none=True)
+                fabric.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                total_loss += loss.item() * len(y)
+                correct += (logits.argmax(1) == y).sum().item()
+                seen += len(y)
+                bar.update(task, advance=1, status=f"epoch {epoch + 1}/{config.epochs} loss {total_loss / seen:.3f}")
+            history.append({"epoch": epoch + 1, "loss": total_loss / seen, "train_accuracy": correct / seen,
+                            "seconds": time.perf_counter() - tic})
+            if fabric.is_global_zero:
+                atomic_torch_save({"format": "oodforge-training", "model_config": asdict(model.config),
+                                   "train_config": asdict(config), "epoch": epoch + 1, "history": history,
+                                   "model": model.state_dict(), "step": step.state_dict(),
+                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                   "rng": _rng_state()}, last)
+    attach_centres(model, loss_fn)
+    if fabric.is_global_zero and len(history) == config.epochs:
+        save_classifier(model, out_dir / MODEL_CHECKPOINT, extra={"train_config": asdict(config), "history": history})
+        atomic_json({"train_config": asdict(config), "history": history}, out_dir / "train.json")
+    model.history = history
+    return model.eval()
+
+
+def attach_centres(model: Classifier, loss: nn.Module) -> None:
+    """Copy learned class centres (semantic-driven energy) onto the model for its detectors."""
+    centres = getattr(loss, "centres", None)
+    if centres is not None:
+        model.class_centres = centres.detach().clone()

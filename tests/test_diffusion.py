@@ -1,0 +1,188 @@
+"""Class-conditional diffusion: label interpolation, training resume, deterministic sampling (tiny UNet)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from oodforge.data.imageset import ImageSet
+from oodforge.generate import diffusion
+from oodforge.generate.diffusion import (
+    DiffusionConfig,
+    build_model,
+    interpolate_embeddings,
+    load_generator,
+    preset_for,
+    sample_id,
+    sample_interpolated,
+    train_diffusion,
+)
+from oodforge.models.classifier import CheckpointError
+
+TINY = DiffusionConfig(image_size=8, channels=1, num_classes=3, block_out_channels=(8, 16),
+                       layers_per_block=1, mid_attention=False, epochs=1, batch_size=8, warmup_steps=2,
+                       bf16=False)
+
+
+@pytest.fixture(scope="module")
+def toy_images() -> ImageSet:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (24, 8, 8, 1), dtype=np.uint8)
+    return ImageSet("toy", images, np.arange(24, dtype=np.int64) % 3, ["a", "b", "c"])
+
+
+@pytest.fixture(scope="module")
+def trained(toy_images, tmp_path_factory) -> diffusion.DiffusionGenerator:
+    path = train_diffusion(toy_images, TINY, tmp_path_factory.mktemp("tiny"), quiet=True, device="cpu")
+    return load_generator(path, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def two_epochs(toy_images, tmp_path_factory) -> dict:
+    """The checkpoint of an uninterrupted 2-epoch run, to compare resumed runs with."""
+    path = train_diffusion(toy_images, replace(TINY, epochs=2), tmp_path_factory.mktemp("two"), quiet=True,
+                           device="cpu")
+    return torch.load(path, weights_only=True)
+
+
+def states_equal(first: dict, second: dict) -> bool:
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_interpolated_embedding_lies_on_the_segment() -> None:
+    table = torch.randn(5, 16, generator=torch.Generator().manual_seed(0))
+    for i, j, alpha in [(0, 3, 0.3), (4, 1, 0.55), (2, 0, 0.7)]:
+        e = interpolate_embeddings(table, i, j, alpha)
+        direction = table[i] - table[j]
+        coefficient = torch.dot(e - table[j], direction) / torch.dot(direction, direction)
+        assert coefficient == pytest.approx(alpha, abs=1e-5)
+        torch.testing.assert_close(e - table[j], coefficient * direction)
+
+
+def test_interpolation_is_batched_and_hits_the_endpoints() -> None:
+    table = torch.randn(4, 6)
+    i, j = torch.tensor([0, 1, 2]), torch.tensor([3, 2, 0])
+    e = interpolate_embeddings(table, i, j, torch.tensor([1.0, 0.0, 0.25]))
+    torch.testing.assert_close(e[0], table[0])
+    torch.testing.assert_close(e[1], table[2])
+    torch.testing.assert_close(e[2], 0.25 * table[2] + 0.75 * table[0])
+    with pytest.raises(ValueError, match="alpha"):
+        interpolate_embeddings(table, 0, 1, 1.5)
+
+
+def test_unet_is_conditioned_by_the_embedding_vectors() -> None:
+    model = build_model(TINY).eval()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([500, 500])
+    labels = torch.tensor([0, 1])
+    with torch.no_grad():
+        by_label = model(x, t, model.embed(labels))
+        by_vector = model(x, t, model.label_embedding.weight[labels].clone())
+        other = model(x, t, model.embed(torch.tensor([2, 2])))
+    torch.testing.assert_close(by_label, by_vector)
+    assert not torch.allclose(by_label, other)
+    assert model.label_embedding.num_embeddings == TINY.num_classes + 1  # last row: null class
+
+
+def test_resume_continues_training_exactly(toy_images, two_epochs, tmp_path) -> None:
+    two = replace(TINY, epochs=2)
+    first = torch.load(train_diffusion(toy_images, TINY, tmp_path / "b", quiet=True, device="cpu"),
+                       weights_only=True)
+    assert first["epoch"] == 1 and first["global_step"] == 3
+    resumed = torch.load(train_diffusion(toy_images, two, tmp_path / "b", quiet=True, device="cpu"),
+                         weights_only=True)
+    assert resumed["epoch"] == 2 and resumed["global_step"] == 6 and len(resumed["history"]) == 2
+    assert not states_equal(first["ema"], resumed["ema"])
+    assert states_equal(two_epochs["model"], resumed["model"]) and states_equal(two_epochs["ema"], resumed["ema"])
+
+
+def test_kill_mid_epoch_then_resume(toy_images, two_epochs, tmp_path, monkeypatch) -> None:
+    two = replace(TINY, epochs=2)
+    real_save = diffusion.atomic_torch_save
+    saves = []
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        saves.append(obj["global_step"])
+        if len(saves) == 3:
+            raise KeyboardInterrupt  # the process dies right after a mid-epoch checkpoint
+
+    monkeypatch.setattr(diffusion, "atomic_torch_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_diffusion(toy_images, two, tmp_path, quiet=True, device="cpu", checkpoint_every=2)
+    monkeypatch.setattr(diffusion, "atomic_torch_save", real_save)
+    assert saves == [2, 3, 4]  # 3 steps per epoch: mid-epoch at 2, end of epoch 1 at 3, mid-epoch at 4
+    killed = torch.load(tmp_path / diffusion.CHECKPOINT_NAME, weights_only=True)
+    assert killed["epoch"] == 1 and killed["step_in_epoch"] == 1
+    resumed = torch.load(train_diffusion(toy_images, two, tmp_path, quiet=True, device="cpu"),
+                         weights_only=True)
+    assert states_equal(two_epochs["model"], resumed["model"]) and states_equal(two_epochs["ema"], resumed["ema"])
+    assert states_equal(two_epochs["optimizer"]["state"][0], resumed["optimizer"]["state"][0])
+
+
+def test_resume_refuses_a_different_config(toy_images, tmp_path) -> None:
+    train_diffusion(toy_images, TINY, tmp_path, quiet=True, device="cpu")
+    with pytest.raises(CheckpointError, match="lr"):
+        train_diffusion(toy_images, replace(TINY, lr=0.5), tmp_path, quiet=True, device="cpu")
+
+
+def test_training_rejects_mismatched_images(toy_images, tmp_path) -> None:
+    with pytest.raises(ValueError, match="expects"):
+        train_diffusion(toy_images, replace(TINY, image_size=16), tmp_path, quiet=True, device="cpu")
+
+
+def test_load_generator_names_missing_and_corrupt_files(tmp_path) -> None:
+    missing = tmp_path / "nothing.ckpt"
+    with pytest.raises(CheckpointError, match="nothing.ckpt"):
+        load_generator(missing)
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt.ckpt"):
+        load_generator(corrupt)
+    other = tmp_path / "other.ckpt"
+    torch.save({"format": "something-else"}, other)
+    with pytest.raises(CheckpointError, match="other.ckpt"):
+        load_generator(other)
+
+
+def test_sample_id_is_deterministic(trained) -> None:
+    first = sample_id(trained, per_class=2, seed=3, guidance=2.0, steps=4, batch_size=4, quiet=True)
+    second = sample_id(trained, per_class=2, seed=3, guidance=2.0, steps=4, batch_size=4, quiet=True)
+    other = sample_id(trained, per_class=2, seed=4, guidance=2.0, steps=4, batch_size=4, quiet=True)
+    assert first.images.shape == (6, 8, 8, 1) and first.images.dtype == np.uint8
+    np.testing.assert_array_equal(first.images, second.images)
+    assert not np.array_equal(first.images, other.images)
+    np.testing.assert_array_equal(first.labels, [0, 0, 1, 1, 2, 2])
+    assert first.manifest["kind"] == "id" and first.manifest["model_hash"] == trained.model_hash
+    assert first.classes == ["a", "b", "c"]
+
+
+def test_sample_interpolated_records_pairs_and_alphas(trained) -> None:
+    first = sample_interpolated(trained, n=5, alpha_range=(0.3, 0.7), seed=1, steps=3, quiet=True)
+    second = sample_interpolated(trained, n=5, alpha_range=(0.3, 0.7), seed=1, steps=3, quiet=True)
+    np.testing.assert_array_equal(first.images, second.images)
+    pairs, alphas = first.extra["pairs"], first.extra["alphas"]
+    assert pairs.shape == (5, 2) and np.all(pairs[:, 0] != pairs[:, 1]) and np.all(pairs < 3)
+    assert np.all((alphas >= 0.3) & (alphas <= 0.7))
+    np.testing.assert_array_equal(first.labels, -1)
+    assert first.manifest["kind"] == "interpolated" and first.manifest["alpha_range"] == [0.3, 0.7]
+
+
+def test_interpolating_with_alpha_one_reproduces_the_class(trained) -> None:
+    outlier = sample_interpolated(trained, n=3, alpha_range=(1.0, 1.0), seed=2, steps=3, quiet=True)
+    first = outlier.extra["pairs"][:, 0]
+    with torch.no_grad():
+        vectors = trained.model.embed(torch.from_numpy(first))
+    expected = diffusion._generate(trained, vectors, 2, 2.0, 3, 256, True)
+    np.testing.assert_array_equal(outlier.images, expected)
+
+
+def test_presets() -> None:
+    small, large = preset_for(28, 1, 10), preset_for(32, 3, 100)
+    assert small.block_out_channels == (32, 64, 64) and small.num_classes == 10
+    assert large.channels == 3 and large.num_classes == 100 and large.attention
+    build_model(replace(small, bf16=False))
+    with pytest.raises(ValueError, match="divisible"):
+        DiffusionConfig(image_size=28, block_out_channels=(32, 64, 64, 64))
