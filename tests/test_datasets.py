@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import struct
@@ -152,8 +153,6 @@ def test_a_damaged_cache_entry_is_rebuilt(tmp_path, tmp_cache) -> None:
     np.testing.assert_array_equal(second.images, first.images)
 
 
-@pytest.mark.xfail(strict=True, reason="cache key uses the top folder's size+mtime, which do not change when "
-                                       "an image is added inside a class subfolder (stale cache)")
 def test_adding_an_image_inside_a_class_folder_invalidates_the_cache(tmp_path, tmp_cache) -> None:
     folder, _ = two_class_folder(tmp_path)
     assert len(load_dataset(f"folder:{folder}")) == 5
@@ -167,6 +166,24 @@ def test_corrupt_image_raises_an_error_naming_the_file(tmp_path, tmp_cache) -> N
     with pytest.raises(CorruptImageError, match=r"x\.png"):
         load_dataset(f"folder:{folder}")
     assert not (tmp_cache / "datasets").exists() or not any((tmp_cache / "datasets").rglob("images.npy"))
+
+
+def test_decode_image_names_the_source_and_keeps_png_pixels() -> None:
+    rgb = random_images(1, (3, 4, 3), seed=8)[0]
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    np.testing.assert_array_equal(datasets.decode_image(buffer.getvalue(), "mem.png"), rgb)
+    with pytest.raises(CorruptImageError, match=r"archive\.zip:a/bad\.png"):
+        datasets.decode_image(b"\x89PNG broken", "archive.zip:a/bad.png")
+
+
+def test_sixteen_bit_png_is_scaled_to_eight_bits() -> None:
+    values = np.array([[0, 1000], [40000, 65535]], np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(values).save(buffer, format="PNG")
+    decoded = datasets.decode_image(buffer.getvalue(), "deep.png")
+    assert decoded.shape == (2, 2, 1)
+    np.testing.assert_allclose(decoded[:, :, 0], values / 257.0, atol=1.0)
 
 
 def test_missing_folder_raises_dataset_not_found(tmp_path, tmp_cache) -> None:

@@ -78,8 +78,14 @@ def adapt_images(images: ImageSet, shape: tuple[int, int, int], batch: int = 204
     for start in range(0, len(images), batch):
         chunk = torch.from_numpy(images.images[start:start + batch]).permute(0, 3, 1, 2)
         if chunk.shape[1] != channels:
-            chunk = chunk.expand(-1, 3, -1, -1) if channels == 3 else TF.rgb_to_grayscale(chunk)
+            chunk = chunk.expand(-1, 3, -1, -1) if channels == 3 else _luma(chunk)
         if chunk.shape[2:] != (height, width):
             chunk = TF.resize(chunk, [height, width], antialias=True)
         out[start:start + batch] = chunk.permute(0, 2, 3, 1).numpy()
     return ImageSet(images.name, out, images.labels, images.classes)
+
+
+def _luma(rgb: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma of uint8 (N, 3, H, W) images, rounded to uint8 (N, 1, H, W)."""
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    return (rgb.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)

@@ -7,6 +7,7 @@ Decoded archives and folders are cached as ``.npy`` under ``$OODFORGE_CACHE`` (d
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -83,8 +84,12 @@ def decode_image(data: bytes, source: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            mode = "L" if image.mode in ("L", "1", "I;16", "I") else "RGB"
-            array = np.asarray(image.convert(mode))
+            if image.mode.startswith("I"):  # 16/32-bit grayscale: scale to 8 bits
+                wide = np.asarray(image, dtype=np.float64)
+                array = np.clip(np.rint(wide / (257.0 if wide.max() <= 65535 else 16843009.0)), 0, 255)
+                array = array.astype(np.uint8)
+            else:
+                array = np.asarray(image.convert("L" if image.mode in ("L", "1", "LA") else "RGB"))
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise CorruptImageError(f"cannot decode image {source}: {exc}") from exc
     return array[:, :, None] if array.ndim == 2 else array
@@ -153,8 +158,7 @@ def cached_arrays(key: str, source: Path, build: Callable[[], tuple[np.ndarray, 
 
     The cache entry is keyed by ``key`` and the source's size and modification time.
     """
-    stat = source.stat()
-    folder = cache_root() / "datasets" / f"{key}-{stat.st_size}-{int(stat.st_mtime)}"
+    folder = cache_root() / "datasets" / f"{key}-{_source_stamp(source)}"
     files = folder / "images.npy", folder / "labels.npy", folder / "classes.json"
     if all(f.is_file() for f in files):
         try:
@@ -166,6 +170,18 @@ def cached_arrays(key: str, source: Path, build: Callable[[], tuple[np.ndarray, 
     atomic_npy(labels, files[1])
     atomic_json(classes, files[2])
     return images, labels, classes
+
+
+def _source_stamp(source: Path) -> str:
+    """Size and nanosecond mtime of a file, or a hash of every file's path, size and mtime in a folder."""
+    if source.is_file():
+        stat = source.stat()
+        return f"{stat.st_size}-{stat.st_mtime_ns}"
+    digest = hashlib.sha256()
+    for file in sorted(p for p in source.rglob("*") if p.is_file()):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(source)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()[:16]
 
 
 def image_folder(path: Path, name: str | None = None, prefix: str = "") -> ImageSet:

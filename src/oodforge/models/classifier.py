@@ -138,7 +138,10 @@ def _external_state_dict(state: dict) -> dict:
 
 
 def _load_state(model: nn.Module, state_dict: dict, path: str | Path) -> None:
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise CheckpointError(f"weights in {path} do not fit the model: {exc}") from None
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
         raise CheckpointError(
