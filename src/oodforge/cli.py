@@ -50,13 +50,18 @@ def _options(pairs: list[str] | None, what: str) -> dict:
 
 
 def _evaluate_and_save(model, benchmark, detectors: str, out: Path, train_info: dict, checkpoint: str | None,
-                       batch_size: int, quiet: bool, cache: bool, method: str | None = None) -> dict:
-    from oodforge.evaluate import evaluate, parse_detector_spec
+                       batch_size: int, quiet: bool, cache: bool, method: str | None = None,
+                       detector_dir: Path | None = None) -> dict:
+    from oodforge.evaluate import evaluate, load_fitted_detectors, parse_detector_spec
     from oodforge.features import OutputCache
     from oodforge.runs import print_results, run_payload, save_run
 
-    evaluation = evaluate(model, benchmark, parse_detector_spec(detectors), method=method, device=_device(),
-                          batch_size=batch_size, cache=OutputCache(enabled=cache), quiet=quiet)
+    spec = parse_detector_spec(detectors)
+    fitted = load_fitted_detectors(detector_dir, list(spec)) if detector_dir else {}
+    if fitted:
+        console.print(f"reusing fitted detectors from {detector_dir}: {', '.join(fitted)}")
+    evaluation = evaluate(model, benchmark, spec, method=method, device=_device(), batch_size=batch_size,
+                          cache=OutputCache(enabled=cache), quiet=quiet, fitted=fitted)
     _save_detectors(evaluation, out)
     payload, scores = run_payload(benchmark, {method or "model": (model, evaluation, train_info, checkpoint)})
     save_run(out, payload, scores)
@@ -121,10 +126,13 @@ def train(benchmark: str = typer.Option("fashion_mnist", help="Benchmark whose I
           quiet: bool = typer.Option(False, "--quiet")) -> None:
     """Train a classifier (any backbone, head, loss, data mix), then score it on its benchmark."""
     from oodforge.data.benchmarks import get_benchmark
+    from oodforge.evaluate import parse_detector_spec
     from oodforge.train import MODEL_CHECKPOINT, TrainConfig
     from oodforge.train import train as run_training
 
-    config = TrainConfig(benchmark=benchmark, backbone=backbone, head=head, head_options=_options(head_option, "head option"),
+    parse_detector_spec(detectors)  # fail on a bad name before training
+    config = TrainConfig(benchmark=benchmark, backbone=backbone, head=head,
+                         head_options=_options(head_option, "head option"),
                          loss=loss, loss_options=_options(loss_option, "loss option"), epochs=epochs,
                          batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, init=init,
                          outliers=outliers, oe_weight=oe_weight, outlier_batch_size=outlier_batch_size,
@@ -145,6 +153,8 @@ def score(benchmark: str = typer.Option(..., help="Benchmark to score on."),
           detectors: str = typer.Option(DEFAULT_DETECTORS, help="Comma-separated detectors, or 'all'."),
           out: Path = typer.Option(Path("runs/score"), help="Output folder."),
           batch_size: int = typer.Option(500), cache: bool = typer.Option(True, help="Reuse cached outputs."),
+          detector_dir: Path | None = typer.Option(None, help="Reload fitted detectors (e.g. the flow) from "
+                                                   "this folder, such as an earlier run's OUT/detectors."),
           quiet: bool = typer.Option(False, "--quiet")) -> None:
     """Score a trained or pretrained classifier with post-hoc detectors on a benchmark."""
     from oodforge.data.benchmarks import get_benchmark
@@ -162,7 +172,8 @@ def score(benchmark: str = typer.Option(..., help="Benchmark to score on."),
         base = ModelConfig(backbone=model, num_classes=len(load_dataset(bench.id_dataset, "test").classes),
                            in_channels=bench.image_shape[2], mean=bench.mean, std=bench.std)
         classifier, checkpoint = load_classifier(weights, pretrained_config(base, weights)), str(weights)
-    _evaluate_and_save(classifier, bench, detectors, out, {}, checkpoint, batch_size, quiet, cache)
+    _evaluate_and_save(classifier, bench, detectors, out, {}, checkpoint, batch_size, quiet, cache,
+                       detector_dir=detector_dir)
 
 
 @app.command()

@@ -69,19 +69,23 @@ def input_scores(detector: Detector, model: torch.nn.Module, images: ImageSet, d
 
 def evaluate(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, dict], *,
              method: str | None = None, device: torch.device | str = "cpu", batch_size: int = 500,
-             cache: OutputCache | None = None, quiet: bool = False, root: str | Path | None = None
-             ) -> Evaluation:
-    """Score the ID test set and every OOD set of ``benchmark`` with each detector in ``detectors``."""
+             cache: OutputCache | None = None, quiet: bool = False, root: str | Path | None = None,
+             fitted: dict[str, Detector] | None = None) -> Evaluation:
+    """Score the ID test set and every OOD set of ``benchmark`` with each detector in ``detectors``.
+
+    Detectors in ``fitted`` (e.g. a flow reloaded from an earlier run) are used as they are.
+    """
     cache = cache or OutputCache()
+    fitted = fitted or {}
     model = model.to(device).eval()
     names = [n for n in detectors if applicable(n, model)]
-    built = {n: create_detector(n, **detectors[n]) for n in names}
+    built = {n: fitted.get(n) or create_detector(n, **detectors[n]) for n in names}
     start = time.perf_counter()
     test = benchmark.id_set("test", root)
     sets = {benchmark.id_dataset: test} | {n: benchmark.ood_set(n, root) for n in benchmark.ood}
     outputs = {n: cache.outputs(model, s, device, batch_size, quiet) for n, s in sets.items()}
     train_outputs = None
-    if any(d.needs_fit for d in built.values()):
+    if any(d.needs_fit and n not in fitted for n, d in built.items()):
         train_outputs = cache.outputs(model, benchmark.id_set("train", root), device, batch_size, quiet)
     timings = {"outputs_s": time.perf_counter() - start}
     evaluation = Evaluation(accuracy(outputs[benchmark.id_dataset].logits.numpy(), test.labels),
@@ -92,7 +96,7 @@ def evaluate(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, 
         for name, detector in built.items():
             bar.update(task, status=name)
             tic = time.perf_counter()
-            if detector.needs_fit:
+            if detector.needs_fit and name not in fitted:
                 detector.fit(train_outputs, model)
             for dataset, images in sets.items():
                 scores = (input_scores(detector, model, images, device, batch_size) if detector.needs_inputs
@@ -135,3 +139,14 @@ def mean_auroc(results: list[dict], detector: str, group: str, method: str | Non
     values = [r["auroc"] for r in results if r["detector"] == detector and r["group"] == group
               and (method is None or r["method"] == method)]
     return float(np.mean(values)) if values else float("nan")
+
+
+def load_fitted_detectors(folder: Path, names: list[str]) -> dict[str, Detector]:
+    """Detectors saved by an earlier run (``<folder>/<name>.pt``, e.g. the flow) that can be reloaded."""
+    fitted = {}
+    for name in names:
+        path = folder / f"{name}.pt"
+        loader = getattr(DETECTORS.get(name), "load", None)
+        if path.is_file() and loader is not None:
+            fitted[name] = loader(path)
+    return fitted

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from oodforge.data.benchmarks import Benchmark
 from oodforge.evaluate import Evaluation, mean_auroc, write_run
+from oodforge.io import atomic_write
 from oodforge.models.classifier import Classifier
 
 
@@ -42,6 +43,7 @@ def run_payload(benchmark: Benchmark, evaluations: dict[str, tuple[Classifier, E
 def save_run(out_dir: Path, payload: dict, scores: dict[str, np.ndarray], report: bool = True) -> None:
     """Write the run files and (by default) the HTML report."""
     write_run(out_dir, payload, scores)
+    atomic_write(out_dir / "results.md", lambda tmp: tmp.write_text(results_markdown(payload)))
     if report:
         from oodforge.report import write_report
 
@@ -66,3 +68,17 @@ def print_results(payload: dict, console: Console | None = None) -> None:
             table.add_row(*([method] if len(methods) > 1 else []), detector, *cells,
                           *("-" if np.isnan(g) else f"{100 * g:.2f}" for g in groups), f"{100 * fpr:.2f}")
     console.print(table)
+
+
+def results_markdown(payload: dict) -> str:
+    """Every metric row of a run as a Markdown table (percentages)."""
+    several = len({r["method"] for r in payload["results"]}) > 1
+    header = (["method"] if several else []) + ["detector", "OOD set", "group", "AUROC", "AUPR-In", "AUPR-Out", "FPR95"]
+    lines = [f"ID accuracy: {100 * payload['id_accuracy']:.2f}%" if not several else
+             "ID accuracy: " + ", ".join(f"{m} {100 * v['id_accuracy']:.2f}%" for m, v in payload["methods"].items()),
+             "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in payload["results"]:
+        cells = ([r["method"]] if several else []) + [r["detector"], r["ood_dataset"], r["group"]]
+        cells += [f"{100 * r[k]:.2f}" for k in ("auroc", "aupr_in", "aupr_out", "fpr95")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

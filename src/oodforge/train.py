@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader
 
 from oodforge.data.benchmarks import Benchmark, adapt_images, get_benchmark
-from oodforge.data.datasets import load_dataset
+from oodforge.data.datasets import load_dataset, overlaps
 from oodforge.data.imageset import ImageSet
 from oodforge.data.sampling import MixedBatchSampler
 from oodforge.io import atomic_json, atomic_torch_save
@@ -164,9 +164,10 @@ def training_data(config: TrainConfig, benchmark: Benchmark) -> tuple[ImageSet, 
 
 def check_outlier_source(benchmark: Benchmark, source: str) -> None:
     """Refuse training outliers drawn from one of the benchmark's test OOD sets."""
-    if source in benchmark.ood:
-        raise ValueError(f"outlier source {source!r} is a test OOD set of benchmark {benchmark.name!r}; "
-                         f"train on a disjoint source")
+    clash = [name for name in benchmark.ood if overlaps(source, name)]
+    if clash:
+        raise ValueError(f"outlier source {source!r} overlaps test OOD set {clash[0]!r} of benchmark "
+                         f"{benchmark.name!r}; train on a disjoint source")
 
 
 def _cycle(loader: DataLoader) -> Iterator:

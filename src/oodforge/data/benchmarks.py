@@ -62,6 +62,11 @@ _register(Benchmark("cifar10", "cifar10",
                     {"tiny_imagenet": "near", "mnist": "far", "dtd": "far", "gaussian": "far"},
                     (32, 32, 3), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
                     augment="crop_flip", default_backbone="resnet20"))
+_register(Benchmark("cifar10_oe", "cifar10",
+                    {"tiny_imagenet_b": "near", "mnist": "far", "dtd": "far", "gaussian": "far"},
+                    (32, 32, 3), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+                    augment="crop_flip", default_backbone="resnet20",
+                    notes={"outliers": "train outliers from tiny_imagenet_a (disjoint classes)"}))
 
 
 def get_benchmark(name: str) -> Benchmark:

@@ -356,3 +356,61 @@ def gaussian(root: Path, split: str, image_shape: Shape = None) -> ImageSet:
 def uniform(root: Path, split: str, image_shape: Shape = None) -> ImageSet:
     """10,000 images of i.i.d. U[0, 1] pixels, in the ID image shape."""
     return _noise("uniform", split, image_shape, lambda rng, shape: rng.uniform(0.0, 1.0, shape))
+
+
+def _tiny_imagenet_half(name: str, first: bool, root: Path, split: str) -> ImageSet:
+    full = tiny_imagenet(root, "test")
+    keep = full.labels < 100 if first else full.labels >= 100
+    images = full.subset(np.flatnonzero(keep), name)
+    return images
+
+
+@DATASETS.register("tiny_imagenet_a")
+def tiny_imagenet_a(root: Path, split: str, image_shape: Shape = None) -> ImageSet:
+    """Tiny ImageNet val images of the first 100 classes (sorted wnids): a training-outlier pool."""
+    return _tiny_imagenet_half("tiny_imagenet_a", True, root, split)
+
+
+@DATASETS.register("tiny_imagenet_b")
+def tiny_imagenet_b(root: Path, split: str, image_shape: Shape = None) -> ImageSet:
+    """Tiny ImageNet val images of the other 100 classes: the near-OOD test set disjoint from ``_a``."""
+    return _tiny_imagenet_half("tiny_imagenet_b", False, root, split)
+
+
+NATURAL_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "moon", "brick", "grass",
+                  "gravel", "hubble_deep_field", "immunohistochemistry", "retina", "clock")
+
+
+@DATASETS.register("natural_patches")
+def natural_patches(root: Path, split: str, image_shape: Shape = None, count: int = 10_000) -> ImageSet:
+    """Random square crops (32-160 px, resized to 64x64 RGB) of the photos bundled with scikit-image.
+
+    A small outlier pool that needs no download; ``split`` picks the seed (train 1, test 0).
+    """
+    import skimage.data
+
+    rng = np.random.default_rng(1 if split == "train" else 0)
+    photos = []
+    for photo in NATURAL_PHOTOS:
+        array = np.asarray(getattr(skimage.data, photo)())
+        photos.append(np.repeat(array[:, :, None], 3, axis=2) if array.ndim == 2 else array[:, :, :3])
+    out = np.empty((count, 64, 64, 3), np.uint8)
+    for i in range(count):
+        photo = photos[rng.integers(len(photos))]
+        side = int(rng.integers(32, min(160, *photo.shape[:2]) + 1))
+        top, left = (int(rng.integers(0, photo.shape[k] - side + 1)) for k in (0, 1))
+        crop = Image.fromarray(photo[top:top + side, left:left + side]).resize((64, 64), Image.BILINEAR)
+        out[i] = np.asarray(crop)
+    return ImageSet("natural_patches", out, np.full(count, -1, np.int64))
+
+
+OVERLAPS: dict[str, set[str]] = {
+    "tiny_imagenet": {"tiny_imagenet_a", "tiny_imagenet_b"},
+    "tiny_imagenet_a": {"tiny_imagenet"},
+    "tiny_imagenet_b": {"tiny_imagenet"},
+}
+
+
+def overlaps(a: str, b: str) -> bool:
+    """Whether datasets ``a`` and ``b`` share images (same name, or known to overlap)."""
+    return a == b or b in OVERLAPS.get(a, set())

@@ -1,0 +1,57 @@
+"""Issue 3 timing: scoring with every cached-feature detector vs the bare forward passes.
+
+Run: OODFORGE_DATA=... python benchmarks/cifar10_scoring_time.py [--out benchmarks/results/cifar10_scoring_time.json]
+Measures (1) bare forward passes of the pretrained ResNet-20 over the CIFAR-10 test set and all its
+OOD sets, (2) `evaluate` with every detector that works from cached outputs, cache warm (ODIN
+needs gradients with respect to the inputs, so it cannot use cached features; it is timed apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from oodforge.data.benchmarks import get_benchmark
+from oodforge.evaluate import evaluate, parse_detector_spec
+from oodforge.features import OutputCache, compute_outputs
+from oodforge.models.classifier import ModelConfig, load_classifier
+from oodforge.train import pretrained_config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/cifar10_scoring_time.json"))
+    args = parser.parse_args()
+    weights = Path(os.environ["OODFORGE_DATA"]) / "weights" / "resnet20-12fca82f.th"
+    bench = get_benchmark("cifar10")
+    model = load_classifier(weights, pretrained_config(ModelConfig(num_classes=10), weights)).eval()
+    sets = [bench.id_set("test")] + [bench.ood_set(n) for n in bench.ood]
+    images = sum(len(s) for s in sets)
+    tic = time.perf_counter()
+    for s in sets:
+        compute_outputs(model, s)
+    forward_s = time.perf_counter() - tic
+    detectors = {k: v for k, v in parse_detector_spec("all").items() if k not in ("odin", "cosine")}
+    cache = OutputCache()
+    evaluate(model, bench, detectors, cache=cache, quiet=True)  # warm the cache (train + test outputs)
+    tic = time.perf_counter()
+    warm = evaluate(model, bench, detectors, cache=cache, quiet=True)
+    scoring_s = time.perf_counter() - tic
+    tic = time.perf_counter()
+    evaluate(model, bench, {"odin": {}}, cache=cache, quiet=True)
+    odin_s = time.perf_counter() - tic
+    record = {"images": images, "threads": torch.get_num_threads(), "bare_forward_s": forward_s,
+              "scoring_all_cached_detectors_s": scoring_s, "ratio": scoring_s / forward_s,
+              "detectors": sorted(detectors), "per_detector_s": warm.timings, "odin_s": odin_s}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
