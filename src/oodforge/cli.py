@@ -196,6 +196,17 @@ def report(run_dir: Path = typer.Argument(..., help="Folder with results.json an
     console.print(f"wrote {write_report(run_dir)}")
 
 
+def _register_generate() -> None:
+    from oodforge.generate.cli import generate_app
+
+    for command in generate_app.registered_commands:
+        command.callback = _fail_cleanly(command.callback)
+    app.add_typer(generate_app, name="generate")
+
+
+_register_generate()
+
+
 @app.command()
 def datasets() -> None:
     """List registered datasets and benchmarks, and whether their files are found."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import random
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -252,6 +253,8 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, quiet: 
                                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                    "rng": _rng_state()}, last)
     attach_centres(model, loss_fn)
+    if fabric.is_global_zero:
+        copy_sample_grids(config, out_dir)
     if fabric.is_global_zero and len(history) == config.epochs:
         save_classifier(model, out_dir / MODEL_CHECKPOINT, extra={"train_config": asdict(config), "history": history})
         atomic_json({"train_config": asdict(config), "history": history}, out_dir / "train.json")
@@ -264,3 +267,13 @@ def attach_centres(model: Classifier, loss: nn.Module) -> None:
     centres = getattr(loss, "centres", None)
     if centres is not None:
         model.class_centres = centres.detach().clone()
+
+
+def copy_sample_grids(config: TrainConfig, out_dir: Path) -> None:
+    """Put the grid.png of every synthetic set the recipe used into ``out_dir/figures`` (for the report)."""
+    for role, spec in (("synthetic-id", config.synthetic_id), ("outliers", config.outliers)):
+        if spec and spec.startswith("synthetic:"):
+            grid = Path(spec.split(":", 1)[1]) / "grid.png"
+            if grid.is_file():
+                (out_dir / "figures").mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(grid, out_dir / "figures" / f"{role}-grid.png")
