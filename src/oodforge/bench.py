@@ -64,7 +64,8 @@ def run_bench(config_path: Path, out: Path, quiet: bool = False) -> dict:
             tic = time.perf_counter()
             model = train(recipe, run_dir, resume=True, quiet=quiet)
             train_s = time.perf_counter() - tic
-            evaluation = evaluate(model, benchmark, detectors, method=method, cache=OutputCache(), quiet=quiet)
+            evaluation = evaluate(model, benchmark, detectors, method=method, cache=OutputCache(), quiet=quiet,
+                                  train_subset=recipe.train_subset)
             evaluation.timings["train_s"] = train_s
             info = {**asdict(recipe), "history": model.history, "run": run["name"]}
             evaluations[method] = (model, evaluation, info, str(run_dir / MODEL_CHECKPOINT))

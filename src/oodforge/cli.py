@@ -51,7 +51,7 @@ def _options(pairs: list[str] | None, what: str) -> dict:
 
 def _evaluate_and_save(model, benchmark, detectors: str, out: Path, train_info: dict, checkpoint: str | None,
                        batch_size: int, quiet: bool, cache: bool, method: str | None = None,
-                       detector_dir: Path | None = None) -> dict:
+                       detector_dir: Path | None = None, train_subset: int | None = None) -> dict:
     from oodforge.evaluate import evaluate, load_fitted_detectors, parse_detector_spec
     from oodforge.features import OutputCache
     from oodforge.runs import print_results, run_payload, save_run
@@ -61,7 +61,8 @@ def _evaluate_and_save(model, benchmark, detectors: str, out: Path, train_info: 
     if fitted:
         console.print(f"reusing fitted detectors from {detector_dir}: {', '.join(fitted)}")
     evaluation = evaluate(model, benchmark, spec, method=method, device=_device(), batch_size=batch_size,
-                          cache=OutputCache(enabled=cache), quiet=quiet, fitted=fitted)
+                          cache=OutputCache(enabled=cache), quiet=quiet, fitted=fitted,
+                          train_subset=train_subset)
     _save_detectors(evaluation, out)
     payload, scores = run_payload(benchmark, {method or "model": (model, evaluation, train_info, checkpoint)})
     save_run(out, payload, scores)
@@ -142,7 +143,7 @@ def train(benchmark: str = typer.Option("fashion_mnist", help="Benchmark whose I
     bench = get_benchmark(benchmark)
     model = run_training(config, out, resume=resume, quiet=quiet)
     _evaluate_and_save(model, bench, detectors, out, {**asdict(config), "history": model.history},
-                       str(out / MODEL_CHECKPOINT), 500, quiet, True)
+                       str(out / MODEL_CHECKPOINT), 500, quiet, True, train_subset=train_subset)
 
 
 @app.command()

@@ -70,10 +70,11 @@ def input_scores(detector: Detector, model: torch.nn.Module, images: ImageSet, d
 def evaluate(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, dict], *,
              method: str | None = None, device: torch.device | str = "cpu", batch_size: int = 500,
              cache: OutputCache | None = None, quiet: bool = False, root: str | Path | None = None,
-             fitted: dict[str, Detector] | None = None) -> Evaluation:
+             fitted: dict[str, Detector] | None = None, train_subset: int | None = None) -> Evaluation:
     """Score the ID test set and every OOD set of ``benchmark`` with each detector in ``detectors``.
 
-    Detectors in ``fitted`` (e.g. a flow reloaded from an earlier run) are used as they are.
+    Detectors in ``fitted`` (e.g. a flow reloaded from an earlier run) are used as they are; the
+    others fit on the ID training set (its first ``train_subset`` images if given, as in training).
     """
     cache = cache or OutputCache()
     fitted = fitted or {}
@@ -86,7 +87,10 @@ def evaluate(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, 
     outputs = {n: cache.outputs(model, s, device, batch_size, quiet) for n, s in sets.items()}
     train_outputs = None
     if any(d.needs_fit and n not in fitted for n, d in built.items()):
-        train_outputs = cache.outputs(model, benchmark.id_set("train", root), device, batch_size, quiet)
+        train_images = benchmark.id_set("train", root)
+        if train_subset:
+            train_images = train_images.subset(np.arange(min(train_subset, len(train_images))))
+        train_outputs = cache.outputs(model, train_images, device, batch_size, quiet)
     timings = {"outputs_s": time.perf_counter() - start}
     evaluation = Evaluation(accuracy(outputs[benchmark.id_dataset].logits.numpy(), test.labels),
                             diagnostics=feature_diagnostics(outputs[benchmark.id_dataset]), timings=timings)

@@ -1,0 +1,56 @@
+"""Tiny end-to-end: generate train -> sample ID and interpolated sets -> train with SIO + OE -> score."""
+
+import json
+
+import numpy as np
+from typer.testing import CliRunner
+
+from conftest import needs_mnist_family
+from oodforge.cli import app
+from oodforge.data.datasets import load_dataset
+
+runner = CliRunner()
+
+
+@needs_mnist_family
+def test_generate_then_train_on_generated_data(tmp_path):
+    gen = tmp_path / "gen"
+    result = runner.invoke(app, ["generate", "train", "--dataset", "fashion_mnist", "--subset", "128", "--epochs", "1",
+                                 "--batch-size", "64", "--out", str(gen), "--quiet"])
+    assert result.exit_code == 0, result.output
+    ckpt = gen / "diffusion.ckpt"
+    sets = {}
+    for kind, extra in (("id", ["--per-class", "3"]), ("interpolated", ["--n", "24", "--alpha-range", "0.4", "0.6"])):
+        sets[kind] = tmp_path / kind
+        result = runner.invoke(app, ["generate", "sample", "--generator", str(ckpt), "--kind", kind, "--steps", "4",
+                                     "--out", str(sets[kind]), "--quiet", *extra])
+        assert result.exit_code == 0, result.output
+        assert (sets[kind] / "grid.png").is_file()
+    synthetic_id = load_dataset(f"synthetic:{sets['id']}")
+    assert synthetic_id.images.shape == (30, 28, 28, 1)
+    assert np.array_equal(synthetic_id.labels, np.repeat(np.arange(10), 3))
+    manifest = json.loads((sets["interpolated"] / "manifest.json").read_text())
+    assert manifest["kind"] == "interpolated" and manifest["alpha_range"] == [0.4, 0.6]
+    alphas = np.load(sets["interpolated"] / "alphas.npy")
+    assert alphas.min() >= 0.4 and alphas.max() <= 0.6
+
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--benchmark", "fashion_mnist", "--epochs", "1", "--train-subset", "256",
+                                 "--synthetic-id", f"synthetic:{sets['id']}", "--real-ratio", "0.75",
+                                 "--outliers", f"synthetic:{sets['interpolated']}", "--head", "cosface",
+                                 "--detectors", "msp,cosine", "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert {r["detector"] for r in results["results"]} == {"msp", "cosine"}
+    assert results["train"]["synthetic_id"].startswith("synthetic:")
+    assert (out / "figures" / "synthetic-id-grid.png").is_file()
+    assert "synthetic-id-grid.png" in (out / "report.html").read_text()
+
+
+def test_sample_rejects_a_bad_kind_and_a_missing_generator(tmp_path):
+    result = runner.invoke(app, ["generate", "sample", "--generator", str(tmp_path / "none.ckpt"), "--kind", "id",
+                                 "--out", str(tmp_path / "o"), "--quiet"])
+    assert result.exit_code == 2 and "none.ckpt" in result.output
+    result = runner.invoke(app, ["generate", "sample", "--generator", str(tmp_path / "none.ckpt"), "--kind", "odd",
+                                 "--out", str(tmp_path / "o"), "--quiet"])
+    assert result.exit_code == 2 and "--kind" in result.output
