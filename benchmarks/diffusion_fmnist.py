@@ -3,6 +3,7 @@
     python benchmarks/diffusion_fmnist.py train
     python benchmarks/diffusion_fmnist.py sample-id --per-class 600
     python benchmarks/diffusion_fmnist.py sample-interp --n 6000
+    python benchmarks/diffusion_fmnist.py sweep        # alpha from 1 to 0 for a few class pairs
 
 Wall times are appended to ``<run>/timings.jsonl``; a killed ``train`` resumes from its checkpoint.
 """
@@ -20,15 +21,19 @@ import torch
 import torchvision
 
 from oodforge.data.imageset import ImageSet
-from oodforge.data.synthetic import write_synthetic
+from oodforge.data.synthetic import SyntheticSet, sample_grid, write_synthetic
 from oodforge.generate.diffusion import (
     CHECKPOINT_NAME,
+    interpolate_embeddings,
     load_generator,
     preset_for,
+    sample_embeddings,
     sample_id,
     sample_interpolated,
     train_diffusion,
 )
+
+SWEEP_PAIRS = [(0, 1), (0, 8), (1, 3), (2, 4), (3, 5), (5, 7), (7, 9), (8, 9)]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,9 +83,30 @@ def sample(args: argparse.Namespace) -> None:
                       "out": str(args.out), "manifest": images.manifest})
 
 
+def sweep(args: argparse.Namespace) -> None:
+    """One row per class pair, one column per alpha (1 -> 0), the same starting noise along a row."""
+    generator = load_generator(args.run / CHECKPOINT_NAME)
+    table = generator.model.label_embedding.weight
+    first, second = (torch.tensor(side) for side in zip(*SWEEP_PAIRS, strict=True))
+    start, images, alphas = time.perf_counter(), [], np.linspace(1.0, 0.0, 9)
+    for alpha in alphas:
+        with torch.no_grad():
+            vectors = interpolate_embeddings(table, first, second, float(alpha))
+        images.append(sample_embeddings(generator, vectors, seed=args.seed, guidance=args.guidance,
+                                        steps=args.steps, quiet=True))
+    count = len(alphas) * len(SWEEP_PAIRS)
+    pairs = np.tile(np.array(SWEEP_PAIRS), (len(alphas), 1))
+    swept = SyntheticSet("sweep", np.concatenate(images), np.full(count, -1), generator.classes,
+                         extra={"pairs": pairs, "alphas": np.repeat(alphas, len(SWEEP_PAIRS))})
+    out = args.out or ROOT / "runs" / "synthetic" / "fmnist-sweep.png"
+    sample_grid(swept, out, columns=len(alphas), max_rows=len(SWEEP_PAIRS))
+    record(args.run, {"command": "sweep", "seconds": round(time.perf_counter() - start, 1), "out": str(out),
+                      "steps": args.steps, "guidance": args.guidance, "seed": args.seed})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["train", "sample-id", "sample-interp"])
+    parser.add_argument("command", choices=["train", "sample-id", "sample-interp", "sweep"])
     parser.add_argument("--run", type=Path, default=ROOT / "runs" / "diffusion-fmnist")
     parser.add_argument("--data", default="/work/shared/data")
     parser.add_argument("--limit", type=int, default=None, help="train on the first LIMIT images")
@@ -97,8 +123,8 @@ def main() -> None:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.command == "train":
-        train(args)
+    if args.command in ("train", "sweep"):
+        {"train": train, "sweep": sweep}[args.command](args)
         return
     kind = "fmnist-id" if args.command == "sample-id" else "fmnist-interp"
     args.out = args.out or ROOT / "runs" / "synthetic" / kind

@@ -16,6 +16,7 @@ from oodforge.generate.diffusion import (
     interpolate_embeddings,
     load_generator,
     preset_for,
+    sample_embeddings,
     sample_id,
     sample_interpolated,
     train_diffusion,
@@ -175,7 +176,7 @@ def test_interpolating_with_alpha_one_reproduces_the_class(trained) -> None:
     first = outlier.extra["pairs"][:, 0]
     with torch.no_grad():
         vectors = trained.model.embed(torch.from_numpy(first))
-    expected = diffusion._generate(trained, vectors, 2, 2.0, 3, 256, True)
+    expected = sample_embeddings(trained, vectors, seed=2, guidance=2.0, steps=3, quiet=True)
     np.testing.assert_array_equal(outlier.images, expected)
 
 

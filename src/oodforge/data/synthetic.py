@@ -116,8 +116,9 @@ def sample_grid(
 ) -> Path:
     """PNG grid of ``columns`` images per row; rows are classes (``"label"``) or class pairs (``"pair"``).
 
-    ``"auto"`` picks ``"pair"`` when pairs are given (or held in a ``SyntheticSet``'s extras). Pair rows
-    are sorted by the weight of the lower-numbered class, from high to low.
+    ``"auto"`` picks ``"pair"`` when pairs are given (or held in a ``SyntheticSet``'s extras). With more
+    pairs than ``max_rows``, the rows are spread evenly over the sorted pairs; images in a pair row are
+    sorted by the weight of the lower-numbered class, from high to low.
     """
     extra = getattr(images, "extra", {})
     pairs = extra.get("pairs") if pairs is None else pairs
@@ -152,7 +153,9 @@ def _rows_by_pair(
     weight_low = None
     if alphas is not None:
         weight_low = np.where(pairs[:, 0] == low, alphas, 1.0 - np.asarray(alphas))
-    keys = sorted(set(zip(low.tolist(), high.tolist(), strict=True)))[:max_rows]
+    keys = sorted(set(zip(low.tolist(), high.tolist(), strict=True)))
+    if len(keys) > max_rows:  # spread the rows over all pairs rather than the first few
+        keys = [keys[k] for k in np.unique(np.linspace(0, len(keys) - 1, max_rows).round().astype(int))]
     rows = []
     for i, j in keys:
         index = np.flatnonzero((low == i) & (high == j))[:columns]

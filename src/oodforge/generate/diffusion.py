@@ -88,14 +88,15 @@ class DiffusionConfig:
 def preset_for(image_size: int, channels: int, num_classes: int) -> DiffusionConfig:
     """Default config: small and CPU-sized for grayscale images up to 32 px, GPU-sized otherwise.
 
-    The grayscale preset trains on Fashion-MNIST (60k, 28x28) in about 25 minutes on 2 CPU cores with
-    AVX512-BF16 (see ``benchmarks/diffusion_fmnist.py``); bfloat16 autocast is on where the CPU has it.
+    The grayscale preset makes 2 passes over Fashion-MNIST (1874 steps of 64): 10-15 minutes on 2 idle
+    AVX512-BF16 CPU cores, about an hour when they are shared with other jobs (measured in
+    ``benchmarks/diffusion_fmnist.py``); bfloat16 autocast is on where the CPU has it natively.
     """
     if channels == 1 and image_size <= 32:
         return DiffusionConfig(
             image_size=image_size, channels=channels, num_classes=num_classes,
             block_out_channels=(32, 64, 64), layers_per_block=1, attention=False, mid_attention=True,
-            epochs=4, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.999, bf16=_cpu_has_bf16(),
+            epochs=2, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.999, bf16=_cpu_has_bf16(),
         )
     return DiffusionConfig(
         image_size=image_size, channels=channels, num_classes=num_classes,
@@ -444,7 +445,7 @@ def sample_id(
     labels = np.repeat(np.arange(generator.config.num_classes, dtype=np.int64), per_class)
     with torch.no_grad():
         embeddings = generator.model.embed(torch.from_numpy(labels).to(generator.device))
-    pixels = _generate(generator, embeddings, seed, guidance, steps, batch_size, quiet)
+    pixels = sample_embeddings(generator, embeddings, seed, guidance, steps, batch_size, quiet)
     manifest = _manifest(generator, "id", seed, guidance, steps, None) | {"per_class": per_class}
     return SyntheticSet("synthetic-id", pixels, labels, generator.classes, manifest)
 
@@ -478,7 +479,7 @@ def sample_interpolated(
     with torch.no_grad():
         embeddings = interpolate_embeddings(generator.model.label_embedding.weight, torch.from_numpy(first),
                                             torch.from_numpy(second), torch.from_numpy(alphas).float())
-    pixels = _generate(generator, embeddings, seed, guidance, steps, batch_size, quiet)
+    pixels = sample_embeddings(generator, embeddings, seed, guidance, steps, batch_size, quiet)
     manifest = _manifest(generator, "interpolated", seed, guidance, steps, [low, high])
     extra = {"pairs": np.stack([first, second], axis=1).astype(np.int64), "alphas": alphas.astype(np.float32)}
     return SyntheticSet("synthetic-interpolated", pixels, np.full(n, -1, np.int64), generator.classes,
@@ -486,9 +487,20 @@ def sample_interpolated(
 
 
 @torch.no_grad()
-def _generate(generator: DiffusionGenerator, embeddings: Tensor, seed: int, guidance: float, steps: int,
-              batch_size: int, quiet: bool) -> np.ndarray:
-    """uint8 (N, H, W, C) images for conditioning vectors ``embeddings``; noise is drawn from ``seed``."""
+def sample_embeddings(
+    generator: DiffusionGenerator,
+    embeddings: Tensor,
+    seed: int = 0,
+    guidance: float = 2.0,
+    steps: int = 50,
+    batch_size: int = 256,
+    quiet: bool = False,
+) -> np.ndarray:
+    """uint8 (N, H, W, C) images conditioned on class-embedding vectors ``embeddings`` (N, D).
+
+    Image k starts from the k-th noise image drawn from ``seed``, so calls with the same seed and N
+    share their starting noise (useful for sweeping alpha with everything else fixed).
+    """
     config = generator.config
     if guidance < 0 or not 1 <= steps <= config.num_train_timesteps or batch_size < 1:
         raise ValueError(f"need guidance >= 0, 1 <= steps <= {config.num_train_timesteps} and "
