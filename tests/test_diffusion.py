@@ -28,6 +28,15 @@ TINY = DiffusionConfig(image_size=8, channels=1, num_classes=3, block_out_channe
                        bf16=False)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions: one thread avoids OpenMP spin-waits when the cores are shared."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def toy_images() -> ImageSet:
     rng = np.random.default_rng(0)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from oodforge.data.imageset import ImageSet
 from oodforge.data.synthetic import SyntheticSet
 from oodforge.io import atomic_torch_save
-from oodforge.models.classifier import CheckpointError, read_checkpoint
+from oodforge.models.classifier import CheckpointError, file_hash, read_checkpoint
 
 CHECKPOINT_NAME = "diffusion.ckpt"
 FORMAT = "oodforge-diffusion"
@@ -412,17 +412,8 @@ def load_generator(path: str | Path, device: str | torch.device = "auto") -> Dif
                               f"{exc}") from exc
     model.to(device).eval().requires_grad_(False)
     classes = list(checkpoint.get("classes") or [str(c) for c in range(config.num_classes)])
-    return DiffusionGenerator(model, config, classes, path, checkpoint_hash(path),
+    return DiffusionGenerator(model, config, classes, path, file_hash(path, 16),
                               int(checkpoint.get("epoch", 0)), device)
-
-
-def checkpoint_hash(path: str | Path, length: int = 16) -> str:
-    """First ``length`` hex digits of the file's SHA-256 (identifies the exact generator weights)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:length]
 
 
 def sample_id(
