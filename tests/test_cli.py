@@ -92,7 +92,7 @@ def test_missing_dataset_names_folder_and_variable(tmp_path, monkeypatch):
                         lambda *a, **k: (_ for _ in ()).throw(OSError("network unreachable")))
     result = runner.invoke(app, ["score", "--benchmark", "fashion_mnist", "--model", "small_cnn",
                                  "--weights", str(tmp_path / "none.pt"), "--out", str(tmp_path / "o"), "--quiet"])
-    _one_line_error(result, "none.pt")
+    _one_line_error(result, "'fashion_mnist'", "download failed", "OODFORGE_DATA")
     result = runner.invoke(app, ["train", "--benchmark", "mnist", "--epochs", "1", "--out", str(tmp_path / "o"),
                                  "--quiet"])
     _one_line_error(result, "'mnist'", str(tmp_path), "OODFORGE_DATA")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -232,7 +233,7 @@ def train_diffusion(
 
 
 def _train_epochs(state: _TrainState, images: ImageSet, config: DiffusionConfig, device: torch.device,
-                  quiet: bool, save, checkpoint_every: int) -> None:
+                  quiet: bool, save: Callable[[], None], checkpoint_every: int) -> None:
     data = torch.from_numpy(images.images).permute(0, 3, 1, 2).contiguous()
     labels = torch.from_numpy(np.asarray(images.labels, dtype=np.int64))
     scheduler = noise_scheduler(config)
@@ -512,7 +513,7 @@ def sample_embeddings(
 
 
 def _denoise(generator: DiffusionGenerator, x: Tensor, cond: Tensor, null: Tensor, guidance: float,
-             steps: int, tick) -> Tensor:
+             steps: int, tick: Callable[[], None]) -> Tensor:
     """DDIM (eta = 0) from noise ``x``; eps = eps_null + guidance * (eps_cond - eps_null)."""
     ddpm = noise_scheduler(generator.config)
     scheduler = DDIMScheduler.from_config(ddpm.config, timestep_spacing="trailing")
