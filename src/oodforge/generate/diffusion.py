@@ -89,9 +89,10 @@ class DiffusionConfig:
 def preset_for(image_size: int, channels: int, num_classes: int) -> DiffusionConfig:
     """Default config: small and CPU-sized for grayscale images up to 32 px, GPU-sized otherwise.
 
-    The grayscale preset makes 2 passes over Fashion-MNIST (1874 steps of 64): 10-15 minutes on 2 idle
-    AVX512-BF16 CPU cores, about an hour when they are shared with other jobs (measured in
-    ``benchmarks/diffusion_fmnist.py``); bfloat16 autocast is on where the CPU has it natively.
+    The grayscale preset makes 2 passes over Fashion-MNIST (1874 steps of 64 images). Measured on 2
+    AVX512-BF16 CPU cores (``benchmarks/diffusion_fmnist.py``): 200-280 images/s when idle (about 10
+    minutes), 30-40 images/s when shared with 2-3 other jobs (about an hour). bfloat16 autocast is on
+    where the CPU runs it natively. The RGB preset (41M parameters) is meant for a GPU and untimed.
     """
     if channels == 1 and image_size <= 32:
         return DiffusionConfig(
