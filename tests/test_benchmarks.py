@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from conftest import real_root
 from oodforge.data.benchmarks import BENCHMARKS, adapt_images, get_benchmark
 from oodforge.data.imageset import ImageSet
 
@@ -121,14 +119,6 @@ def test_gaussian_ood_set_is_generated_in_the_id_shape(tmp_path) -> None:
 # ---------------------------------------------------------------- real data
 
 
-def real_root(*needed: str) -> Path:
-    if "OODFORGE_DATA" not in os.environ:
-        pytest.skip("OODFORGE_DATA is not set")
-    root = Path(os.environ["OODFORGE_DATA"])
-    missing = [n for n in needed if not (root / n).exists()]
-    if missing:
-        pytest.skip(f"OODFORGE_DATA={root} lacks {', '.join(missing)}")
-    return root
 
 
 @pytest.mark.parametrize(

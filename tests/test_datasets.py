@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import struct
 import tarfile
 import zipfile
@@ -15,6 +14,7 @@ import pytest
 import torchvision
 from PIL import Image
 
+from conftest import real_root
 from oodforge.data import datasets
 from oodforge.data.datasets import (
     DATASETS,
@@ -327,15 +327,6 @@ def test_noise_default_shape_is_cifar_sized(tmp_path) -> None:
 # ---------------------------------------------------------------- real data (OODFORGE_DATA)
 
 
-def real_root(*needed: str) -> Path:
-    """``$OODFORGE_DATA``, skipping the test when it is unset or lacks any of ``needed``."""
-    if "OODFORGE_DATA" not in os.environ:
-        pytest.skip("OODFORGE_DATA is not set")
-    root = Path(os.environ["OODFORGE_DATA"])
-    missing = [n for n in needed if not (root / n).exists()]
-    if missing:
-        pytest.skip(f"OODFORGE_DATA={root} lacks {', '.join(missing)}")
-    return root
 
 
 def test_real_fashion_mnist() -> None:
