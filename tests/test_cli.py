@@ -38,20 +38,24 @@ def check_contract(out):
 def test_train_then_score_end_to_end(tmp_path):
     out = tmp_path / "train"
     result = runner.invoke(app, ["train", "--benchmark", "fashion_mnist", "--epochs", "1", "--train-subset", "1024",
-                                 "--lr", "0.05", "--detectors", "msp,maxlogit,energy,knn:k=5,mahalanobis",
+                                 "--lr", "0.05", "--detectors", "msp,maxlogit,energy,knn:k=5,mahalanobis,flow",
                                  "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
     results = check_contract(out)
-    assert {r["detector"] for r in results["results"]} == {"msp", "maxlogit", "energy", "knn", "mahalanobis"}
+    assert {r["detector"] for r in results["results"]} == {"msp", "maxlogit", "energy", "knn", "mahalanobis", "flow"}
+    assert (out / "detectors" / "flow.pt").is_file()
     assert {r["ood_dataset"] for r in results["results"]} == {"mnist", "notmnist", "gaussian"}
     assert results["id_accuracy"] > 0.5  # 1 epoch on 1024 images is far above chance (0.1)
     assert "uniformity" in results["model"]["diagnostics"]
 
     scored = tmp_path / "score"
     result = runner.invoke(app, ["score", "--benchmark", "fashion_mnist", "--model", str(out / "model.ckpt"),
-                                 "--detectors", "msp,odin", "--out", str(scored), "--quiet"])
+                                 "--detectors", "msp,odin,flow", "--detector-dir", str(out / "detectors"),
+                                 "--out", str(scored), "--quiet"])
     assert result.exit_code == 0, result.output
     again = check_contract(scored)
+    flow = lambda r: [x["auroc"] for x in r["results"] if x["detector"] == "flow"]  # noqa: E731
+    assert flow(again) == flow(results)  # the saved flow was reloaded, not refitted on the full train set
     assert again["id_accuracy"] == pytest.approx(results["id_accuracy"])
     msp = lambda r: [x["auroc"] for x in r["results"] if x["detector"] == "msp"]  # noqa: E731
     assert msp(again) == pytest.approx(msp(results))
