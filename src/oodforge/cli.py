@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import typer
@@ -225,14 +224,3 @@ def datasets() -> None:
     for name in BENCHMARKS.names():
         b = get_benchmark(name)
         out.print(f"benchmark {name}: ID {b.id_dataset}; OOD " + ", ".join(f"{k} ({v})" for k, v in b.ood.items()))
-
-
-def train_config_fields() -> list[str]:
-    """Names a bench config may set per run (the ``TrainConfig`` fields)."""
-    from oodforge.train import TrainConfig
-
-    return [f.name for f in fields(TrainConfig)]
-
-
-def main() -> None:  # pragma: no cover - console entry point
-    app(sys.argv[1:])
