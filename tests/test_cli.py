@@ -66,14 +66,20 @@ def test_bench_runs_several_recipes_into_one_report(tmp_path):
     config = tmp_path / "bench.yaml"
     config.write_text("benchmark: fashion_mnist\ndetectors: msp,energy\nseeds: [0, 1]\n"
                       "defaults: {epochs: 1, train_subset: 512, lr: 0.05}\n"
-                      "runs:\n  - {name: ce, loss: ce}\n  - {name: ls, loss: ls}\n")
+                      "runs:\n  - {name: ce, loss: ce}\n  - {name: ls, loss: ls}\n"
+                      "  - {name: frozen, epochs: 0, seeds: [1], init: '{out}/ce/seed{seed}/model.ckpt'}\n")
     out = tmp_path / "bench"
     result = runner.invoke(app, ["bench", str(config), "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
     results = check_contract(out)
-    assert set(results["methods"]) == {"ce-seed0", "ce-seed1", "ls-seed0", "ls-seed1"}
+    assert set(results["methods"]) == {"ce-seed0", "ce-seed1", "ls-seed0", "ls-seed1", "frozen-seed1"}
     summary = json.loads((out / "summary.json").read_text())
-    assert {(r["run"], r["detector"]) for r in summary} == {(a, b) for a in ("ce", "ls") for b in ("msp", "energy")}
+    assert {(r["run"], r["detector"]) for r in summary} == {(a, b) for a in ("ce", "ls", "frozen")
+                                                            for b in ("msp", "energy")}
+    # the 0-epoch run re-scores ce-seed1's model, found through {out} and {seed}
+    assert results["methods"]["frozen-seed1"]["train"]["init"] == str(out / "ce" / "seed1" / "model.ckpt")
+    auroc = lambda m: [r["auroc"] for r in results["results"] if r["method"] == m]  # noqa: E731
+    assert auroc("frozen-seed1") == pytest.approx(auroc("ce-seed1"), abs=1e-12)
     ce_acc = [results["methods"][f"ce-seed{s}"]["id_accuracy"] for s in (0, 1)]
     row = next(r for r in summary if r["run"] == "ce" and r["detector"] == "msp")
     assert row["id_accuracy_mean"] == pytest.approx(np.mean(ce_acc))

@@ -98,3 +98,33 @@ def test_outliers_overlapping_a_test_ood_set_are_refused():
         assert "mnist" in str(exc)
     else:
         raise AssertionError("mnist is a test OOD set of fashion_mnist")
+
+
+def test_fine_tuning_into_another_head_keeps_backbone_and_class_weights(tmp_path):
+    from oodforge.data.benchmarks import get_benchmark
+    from oodforge.models.classifier import ModelConfig, build_classifier, save_classifier
+    from oodforge.train import make_model
+
+    torch.manual_seed(0)
+    base = build_classifier(ModelConfig(backbone="small_cnn", head="linear", mean=(0.2860,), std=(0.3530,)))
+    save_classifier(base, tmp_path / "base.ckpt")
+    for head in ("linear", "cosface", "adacos"):
+        model = make_model(TrainConfig(head=head, init=str(tmp_path / "base.ckpt")), get_benchmark("fashion_mnist"))
+        assert model.config.head == head
+        for key, value in base.state_dict().items():
+            if key.startswith("backbone."):
+                assert torch.equal(model.state_dict()[key], value), key
+        assert torch.equal(model.state_dict()["head.weight"], base.state_dict()["head.weight"])
+        assert ("head.bias" in model.state_dict()) == (head == "linear")
+
+
+def test_bench_path_fields_expand_variables_out_and_seed(tmp_path, monkeypatch):
+    from oodforge.bench import resolve_paths
+
+    monkeypatch.setenv("WEIGHTS_DIR", "/w")
+    options = {"init": "$WEIGHTS_DIR/{seed}.th", "outliers": "synthetic:{out}/interp", "synthetic_id": None,
+               "lr": 0.1, "loss": "{seed}"}
+    resolved = resolve_paths(options, tmp_path, 2)
+    assert resolved == {"init": "/w/2.th", "outliers": f"synthetic:{tmp_path}/interp", "synthetic_id": None,
+                        "lr": 0.1, "loss": "{seed}"}
+    assert options["init"] == "$WEIGHTS_DIR/{seed}.th"  # the input is not modified

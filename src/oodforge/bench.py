@@ -1,13 +1,19 @@
 """``oodforge bench``: several recipes x seeds from one YAML file -> one results.json, report, summary.
 
 Config keys: ``benchmark``, ``detectors`` (as for ``--detectors``), ``seeds`` (list), ``defaults``
-(``TrainConfig`` fields shared by all runs) and ``runs`` (list of ``{name: ..., <TrainConfig fields>}``).
+(``TrainConfig`` fields shared by all runs) and ``runs`` (list of ``{name: ..., <TrainConfig fields>}``; a run may set its own ``seeds``, e.g. one seed for a
+run that does not train).
 Each run/seed trains into ``OUT/<name>/seed<k>/`` (resumable) and is scored as method
 ``<name>-seed<k>``; ``summary.md``/``summary.json`` give mean ± std over seeds.
+
+Path-valued fields (``init``, ``outliers``, ``synthetic_id``) expand ``$VARIABLES`` and the
+placeholders ``{out}`` (the bench output folder) and ``{seed}``, so a run can fine-tune from an
+earlier run of the same bench, seed by seed: ``init: "{out}/ce/seed{seed}/model.ckpt"``.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -24,6 +30,17 @@ from oodforge.runs import print_results, run_payload, save_run
 from oodforge.train import MODEL_CHECKPOINT, TrainConfig, train
 
 CONFIG_KEYS = {"benchmark", "detectors", "seeds", "defaults", "runs", "description"}
+PATH_KEYS = ("init", "outliers", "synthetic_id")
+
+
+def resolve_paths(options: dict, out: Path, seed: int) -> dict:
+    """Expand ``$VARS``, ``{out}`` and ``{seed}`` in the path-valued fields of a run's options."""
+    resolved = dict(options)
+    for key in PATH_KEYS:
+        if isinstance(resolved.get(key), str):
+            resolved[key] = os.path.expandvars(resolved[key]).replace("{out}", str(out)).replace(
+                "{seed}", str(seed))
+    return resolved
 
 
 def load_bench_config(path: Path) -> dict:
@@ -41,7 +58,7 @@ def load_bench_config(path: Path) -> dict:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(CONFIG_KEYS)}")
     allowed = {f.name for f in fields(TrainConfig)}
     for run in config["runs"]:
-        bad = set(run) - allowed - {"name"}
+        bad = set(run) - allowed - {"name", "seeds"}
         if "name" not in run or bad:
             raise ValueError(f"{path}: each run needs a 'name' and TrainConfig fields; bad keys {sorted(bad)}")
         if "/" in run["name"]:
@@ -56,8 +73,9 @@ def run_bench(config_path: Path, out: Path, quiet: bool = False) -> dict:
     detectors = parse_detector_spec(config.get("detectors", "msp,maxlogit,energy"))
     evaluations = {}
     for run in config["runs"]:
-        for seed in config.get("seeds", [0]):
-            options = {**config.get("defaults", {}), **{k: v for k, v in run.items() if k != "name"}}
+        for seed in run.get("seeds", config.get("seeds", [0])):
+            own = {k: v for k, v in run.items() if k not in ("name", "seeds")}
+            options = resolve_paths({**config.get("defaults", {}), **own}, out, seed)
             recipe = TrainConfig(**{"benchmark": benchmark.name, **options, "seed": seed})
             method = f"{run['name']}-seed{seed}"
             run_dir = out / run["name"] / f"seed{seed}"

@@ -78,9 +78,14 @@ def make_model(config: TrainConfig, benchmark: Benchmark) -> Classifier:
     if not config.init:
         return build_classifier(model_config)
     init = load_classifier(config.init, pretrained_config(model_config, config.init))
-    model = build_classifier(init.config if _same_head(init.config, model_config) else
-                             _with_head(init.config, model_config))
-    missing = model.load_state_dict(init.state_dict(), strict=False)
+    same_head = _same_head(init.config, model_config)
+    model = build_classifier(init.config if same_head else _with_head(init.config, model_config))
+    state = init.state_dict()
+    if not same_head:  # another head: keep the backbone, and head tensors only where they fit (class weights)
+        wanted = model.state_dict()
+        state = {k: v for k, v in state.items()
+                 if not k.startswith("head.") or (k in wanted and wanted[k].shape == v.shape)}
+    missing = model.load_state_dict(state, strict=False)
     if missing.unexpected_keys:
         raise CheckpointError(f"{config.init}: unexpected weights {missing.unexpected_keys[:5]}")
     return model
