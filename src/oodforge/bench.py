@@ -1,8 +1,8 @@
 """``oodforge bench``: several recipes x seeds from one YAML file -> one results.json, report, summary.
 
 Config keys: ``benchmark``, ``detectors`` (as for ``--detectors``), ``seeds`` (list), ``defaults``
-(``TrainConfig`` fields shared by all runs) and ``runs`` (list of ``{name: ..., <TrainConfig fields>}``; a run may set its own ``seeds``, e.g. one seed for a
-run that does not train).
+(``TrainConfig`` fields shared by all runs) and ``runs`` (list of ``{name: ..., <TrainConfig fields>}``;
+a run may set its own ``seeds``, e.g. one seed for a run that does not train).
 Each run/seed trains into ``OUT/<name>/seed<k>/`` (resumable) and is scored as method
 ``<name>-seed<k>``; ``summary.md``/``summary.json`` give mean ± std over seeds.
 
