@@ -118,3 +118,15 @@ def test_corrupt_checkpoint_and_unknown_names(tmp_path):
     result = runner.invoke(app, ["train", "--detectors", "msp,bogus", "--epochs", "0", "--quiet",
                                  "--out", str(tmp_path / "x")])
     assert result.exit_code == 2
+
+
+def test_bench_summary_of_a_single_method_payload():
+    from oodforge.bench import summarize
+
+    results = [{"method": "sde-seed0", "detector": "msp", "ood_dataset": d, "group": g, "auroc": a, "fpr95": f}
+               for d, g, a, f in (("tin", "near", 0.7, 0.9), ("mnist", "far", 0.8, 0.5), ("dtd", "far", 0.9, 0.3))]
+    payload = {"id_accuracy": 0.9, "train": {"run": "sde"}, "results": results}
+    (row,) = summarize(payload)
+    assert (row["run"], row["detector"], row["seeds"]) == ("sde", "msp", 1)
+    assert row["id_accuracy_mean"] == 0.9 and row["near_auroc_mean"] == pytest.approx(0.7)
+    assert row["far_auroc_mean"] == pytest.approx(0.85) and row["fpr95_mean"] == pytest.approx(np.mean([0.9, 0.5, 0.3]))

@@ -180,11 +180,13 @@ def score(benchmark: str = typer.Option(..., help="Benchmark to score on."),
 @_fail_cleanly
 def bench(config: Path = typer.Argument(..., help="YAML file: benchmark, detectors, seeds, runs."),
           out: Path = typer.Option(Path("runs/bench"), help="Output folder."),
+          runs: str | None = typer.Option(None, help="Comma-separated run names: only these (e.g. one part per "
+                                                     "machine; a later full call resumes and combines them)."),
           quiet: bool = typer.Option(False, "--quiet")) -> None:
     """Train and score several recipes (and seeds) from a config file into one results.json + report."""
     from oodforge.bench import run_bench
 
-    run_bench(config, out, quiet=quiet)
+    run_bench(config, out, quiet=quiet, only=runs.split(",") if runs else None)
 
 
 @app.command()
