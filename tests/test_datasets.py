@@ -382,3 +382,16 @@ def test_real_dtd() -> None:
     assert test.classes == ["banded", "blotchy", "braided", "bubbly", "bumpy", "chequered", "cobwebbed",
                             "cracked", "crosshatched", "crystalline"]
     np.testing.assert_array_equal(np.bincount(test.labels), np.full(10, 120))
+
+
+def test_balanced_head_takes_classes_in_turn_even_when_files_are_sorted_by_class():
+    from oodforge.data.imageset import ImageSet
+
+    labels = np.repeat(np.arange(3), 4)  # sorted by class: 0 0 0 0 1 1 1 1 2 2 2 2
+    images = ImageSet("s", np.arange(12, dtype=np.uint8).reshape(12, 1, 1, 1), labels, ["a", "b", "c"])
+    head = images.balanced_head(7)
+    assert head.images.ravel().tolist() == [0, 1, 2, 4, 5, 8, 9]  # ranks 0, 0, 0, 1, 1, 1 then class 0's rank 2
+    assert np.bincount(head.labels).tolist() == [3, 2, 2]
+    assert len(images.balanced_head(50)) == 12
+    shuffled = ImageSet("u", images.images[::-1].copy(), labels[::-1].copy(), images.classes)
+    assert np.bincount(shuffled.balanced_head(6).labels).tolist() == [2, 2, 2]

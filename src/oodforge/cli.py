@@ -117,7 +117,7 @@ def train(benchmark: str = typer.Option("fashion_mnist", help="Benchmark whose I
           outlier_batch_size: int | None = typer.Option(None, help="Outliers per batch (default: batch size)."),
           synthetic_id: str | None = typer.Option(None, help="Synthetic ID set mixed into batches (SIO)."),
           real_ratio: float = typer.Option(0.8, help="Share of real images per batch with --synthetic-id."),
-          train_subset: int | None = typer.Option(None, help="Use only the first N training images."),
+          train_subset: int | None = typer.Option(None, help="Use N training images (class-balanced)."),
           detectors: str = typer.Option(DEFAULT_DETECTORS, help="Detectors scored after training, or 'all'."),
           accelerator: str = typer.Option("auto"), devices: str = typer.Option("1"),
           num_nodes: int = typer.Option(1), strategy: str = typer.Option("auto"),

@@ -74,7 +74,7 @@ def evaluate(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, 
     """Score the ID test set and every OOD set of ``benchmark`` with each detector in ``detectors``.
 
     Detectors in ``fitted`` (e.g. a flow reloaded from an earlier run) are used as they are; the
-    others fit on the ID training set (its first ``train_subset`` images if given, as in training).
+    others fit on the ID training set (``train_subset`` class-balanced images if given, as in training).
     """
     cache = cache or OutputCache()
     fitted = fitted or {}
@@ -89,7 +89,7 @@ def evaluate(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, 
     if any(d.needs_fit and n not in fitted for n, d in built.items()):
         train_images = benchmark.id_set("train", root)
         if train_subset:
-            train_images = train_images.subset(np.arange(min(train_subset, len(train_images))))
+            train_images = train_images.balanced_head(train_subset)
         train_outputs = cache.outputs(model, train_images, device, batch_size, quiet)
     timings = {"outputs_s": time.perf_counter() - start}
     evaluation = Evaluation(accuracy(outputs[benchmark.id_dataset].logits.numpy(), test.labels),

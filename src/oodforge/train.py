@@ -61,7 +61,7 @@ class TrainConfig:
     outlier_batch_size: int | None = None  # None: same as batch_size
     synthetic_id: str | None = None  # synthetic ID set (SIO)
     real_ratio: float = 0.8
-    train_subset: int | None = None  # use only the first N training images (quick runs, tests)
+    train_subset: int | None = None  # use N training images, class-balanced (ImageSet.balanced_head)
     accelerator: str = "auto"
     devices: int | str = 1
     num_nodes: int = 1
@@ -157,7 +157,7 @@ def training_data(config: TrainConfig, benchmark: Benchmark) -> tuple[ImageSet, 
     """(real ID train set, synthetic ID set or None, outlier set or None), all in the ID image format."""
     real = benchmark.id_set("train")
     if config.train_subset:
-        real = real.subset(np.arange(min(config.train_subset, len(real))))
+        real = real.balanced_head(config.train_subset)
     synthetic = adapt_images(load_dataset(config.synthetic_id, "train"), benchmark.image_shape) \
         if config.synthetic_id else None
     outliers = None

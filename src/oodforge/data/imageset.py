@@ -39,6 +39,20 @@ class ImageSet:
         """The images at ``index`` (array of positions or boolean mask)."""
         return ImageSet(name or self.name, self.images[index], self.labels[index], self.classes)
 
+    def balanced_head(self, count: int, name: str | None = None) -> ImageSet:
+        """``count`` images taken from the classes in turn, each class in file order, kept in file order.
+
+        Unlike the first ``count`` images this stays class-balanced when the files are sorted by class
+        (the CIFAR-10 image-folder copy is); deterministic, and all images when ``count >= len(self)``.
+        """
+        position = np.arange(len(self.labels))
+        rank = np.empty(len(self.labels), dtype=np.int64)  # how many earlier images share the label
+        for label in np.unique(self.labels):
+            members = np.flatnonzero(self.labels == label)
+            rank[members] = np.arange(len(members))
+        chosen = np.sort(np.lexsort((position, rank))[:count])
+        return self.subset(chosen, name)
+
     def torch_dataset(self, transform: Callable[[Tensor], Tensor] | None = None) -> TensorImages:
         """A torch ``Dataset`` yielding (float image in [0, 1] of shape (C, H, W), label)."""
         return TensorImages(self, transform)

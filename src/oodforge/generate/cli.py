@@ -18,19 +18,18 @@ def train_generator(dataset: str = typer.Option("fashion_mnist", help="Registere
                     out: Path = typer.Option(Path("runs/generator"), help="Folder for diffusion.ckpt."),
                     epochs: int | None = typer.Option(None, help="Epochs (default: the preset's)."),
                     batch_size: int | None = typer.Option(None), lr: float | None = typer.Option(None),
-                    subset: int | None = typer.Option(None, help="Train on the first N images only."),
+                    subset: int | None = typer.Option(None, help="Train on N images only (class-balanced)."),
                     seed: int = typer.Option(0), device: str = typer.Option("auto"),
                     resume: bool = typer.Option(True, help="Continue from OUT/diffusion.ckpt if present."),
                     quiet: bool = typer.Option(False, "--quiet")) -> None:
     """Train (or resume) the diffusion model; a checkpoint is written atomically every epoch."""
-    import numpy as np
 
     from oodforge.data.datasets import load_dataset
     from oodforge.generate.diffusion import preset_for, train_diffusion
 
     images = load_dataset(dataset, "train")
     if subset:
-        images = images.subset(np.arange(min(subset, len(images))))
+        images = images.balanced_head(subset)
     height, _, channels = images.image_shape
     config = preset_for(height, channels, len(images.classes))
     overrides = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None}
