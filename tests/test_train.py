@@ -128,3 +128,17 @@ def test_bench_path_fields_expand_variables_out_and_seed(tmp_path, monkeypatch):
     assert resolved == {"init": "/w/2.th", "outliers": f"synthetic:{tmp_path}/interp", "synthetic_id": None,
                         "lr": 0.1, "loss": "{seed}"}
     assert options["init"] == "$WEIGHTS_DIR/{seed}.th"  # the input is not modified
+
+
+def test_sample_grids_of_synthetic_sets_are_copied_with_a_prefix(tmp_path):
+    from oodforge.train import copy_sample_grids
+
+    for name in ("id", "interp"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "grid.png").write_bytes(name.encode())
+    config = TrainConfig(synthetic_id=f"synthetic:{tmp_path / 'id'}", outliers=f"synthetic:{tmp_path / 'interp'}")
+    copy_sample_grids(config, tmp_path / "out", prefix="ce_sio-")
+    assert (tmp_path / "out" / "figures" / "ce_sio-synthetic-id-grid.png").read_bytes() == b"id"
+    assert (tmp_path / "out" / "figures" / "ce_sio-outliers-grid.png").read_bytes() == b"interp"
+    copy_sample_grids(TrainConfig(outliers="natural_patches"), tmp_path / "plain")
+    assert not (tmp_path / "plain").exists()

@@ -27,7 +27,7 @@ from oodforge.evaluate import evaluate, parse_detector_spec
 from oodforge.features import OutputCache
 from oodforge.io import atomic_json, atomic_write
 from oodforge.runs import print_results, run_payload, save_run
-from oodforge.train import MODEL_CHECKPOINT, TrainConfig, train
+from oodforge.train import MODEL_CHECKPOINT, TrainConfig, copy_sample_grids, train
 
 CONFIG_KEYS = {"benchmark", "detectors", "seeds", "defaults", "runs", "description"}
 PATH_KEYS = ("init", "outliers", "synthetic_id")
@@ -91,6 +91,7 @@ def run_bench(config_path: Path, out: Path, quiet: bool = False, only: list[str]
             run_dir = out / run["name"] / f"seed{seed}"
             tic = time.perf_counter()
             model = train(recipe, run_dir, resume=True, quiet=quiet)
+            copy_sample_grids(recipe, out, prefix=f"{run['name']}-")  # the bench report shows them too
             train_s = time.perf_counter() - tic
             evaluation = evaluate(model, benchmark, detectors, method=method, cache=OutputCache(), quiet=quiet,
                                   train_subset=recipe.train_subset)

@@ -274,11 +274,14 @@ def attach_centres(model: Classifier, loss: nn.Module) -> None:
         model.class_centres = centres.detach().clone()
 
 
-def copy_sample_grids(config: TrainConfig, out_dir: Path) -> None:
-    """Put the grid.png of every synthetic set the recipe used into ``out_dir/figures`` (for the report)."""
+def copy_sample_grids(config: TrainConfig, out_dir: Path, prefix: str = "") -> None:
+    """Put the grid.png of every synthetic set the recipe used into ``out_dir/figures`` (for the report).
+
+    The copies are named ``<prefix><role>-grid.png``, role ``synthetic-id`` or ``outliers``.
+    """
     for role, spec in (("synthetic-id", config.synthetic_id), ("outliers", config.outliers)):
         if spec and spec.startswith("synthetic:"):
             grid = Path(spec.split(":", 1)[1]) / "grid.png"
             if grid.is_file():
                 (out_dir / "figures").mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(grid, out_dir / "figures" / f"{role}-grid.png")
+                shutil.copyfile(grid, out_dir / "figures" / f"{prefix}{role}-grid.png")
