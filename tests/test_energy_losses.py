@@ -166,3 +166,16 @@ def test_sde_registry_defaults_and_centres():
     assert (loss.cluster_focal.gamma, loss.cluster_focal.scale) == (2.0, 16.0)
     with pytest.raises(ValueError, match="dimension"):
         loss(LossInputs(torch.zeros(2, 3), LABELS, torch.zeros(2, 5), torch.zeros(2, 3)))
+
+
+def test_sde_centres_start_at_hand_computed_class_means():
+    loss = create_loss("sde", num_classes=2, feature_dim=2, centre_init="class_means")
+    features = torch.tensor([[3.0, 0.0], [0.0, 2.0], [0.0, -5.0], [0.0, -1.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    loss.init_centres_from(features, labels)
+    # class 0: mean of (1, 0) and (0, 1); class 1: mean of (0, -1) twice
+    assert torch.allclose(loss.centres.data, torch.tensor([[0.5, 0.5], [0.0, -1.0]]))
+    with pytest.raises(ValueError, match="all 2 classes"):
+        loss.init_centres_from(features[:2], labels[:2])
+    with pytest.raises(ValueError, match="centre_init"):
+        create_loss("sde", num_classes=2, feature_dim=2, centre_init="zeros")

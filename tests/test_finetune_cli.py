@@ -44,3 +44,18 @@ def test_finetune_with_outliers_then_score(tmp_path):
     first = "backbone.body.0.weight"
     drift = (model.state_dict()[first] - base_model.state_dict()[first]).norm() / base_model.state_dict()[first].norm()
     assert 0 < drift < 0.5
+
+
+@needs_mnist_family
+def test_sde_with_class_mean_centres_starts_from_the_init_models_features(tmp_path):
+    from oodforge.data.benchmarks import get_benchmark
+    from oodforge.detectors.semantic_energy import normalized_class_means
+    from oodforge.features import compute_outputs
+    from oodforge.train import TrainConfig, train
+
+    base = train(TrainConfig(epochs=1, train_subset=300, lr=0.05), tmp_path / "base", quiet=True)
+    config = TrainConfig(init=str(tmp_path / "base" / "model.ckpt"), loss="sde", epochs=0, train_subset=300,
+                         loss_options={"centre_init": "class_means"})
+    model = train(config, tmp_path / "sde", quiet=True)
+    outputs = compute_outputs(base, get_benchmark("fashion_mnist").id_set("train").balanced_head(300))
+    assert torch.allclose(model.class_centres, normalized_class_means(outputs.features, outputs.labels), atol=1e-5)

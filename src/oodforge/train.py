@@ -21,6 +21,7 @@ from oodforge.data.benchmarks import Benchmark, adapt_images, get_benchmark
 from oodforge.data.datasets import load_dataset, overlaps
 from oodforge.data.imageset import ImageSet
 from oodforge.data.sampling import MixedBatchSampler
+from oodforge.features import compute_outputs
 from oodforge.io import atomic_json, atomic_torch_save
 from oodforge.losses import LOSSES, LossInputs, create_loss
 from oodforge.losses.outlier_exposure import uniform_cross_entropy
@@ -200,6 +201,9 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, quiet: 
     optimizer = torch.optim.SGD(step.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay, nesterov=config.momentum > 0)
     real, synthetic, outliers = training_data(config, benchmark)
+    if getattr(loss_fn, "centre_init", None) == "class_means":  # sde: centres from the starting model
+        outputs = compute_outputs(model, real)
+        loss_fn.init_centres_from(outputs.features, outputs.labels)
     transform = benchmark.train_transform()
     datasets = [real.torch_dataset(transform)] + ([synthetic.torch_dataset(transform)] if synthetic else [])
     sampler = MixedBatchSampler(len(real), config.batch_size, len(synthetic) if synthetic else 0,

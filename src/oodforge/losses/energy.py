@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from oodforge.detectors.logits import energy_score
-from oodforge.detectors.semantic_energy import cosine_to_centres, representation_score
+from oodforge.detectors.semantic_energy import cosine_to_centres, normalized_class_means, representation_score
 from oodforge.losses.base import LOSSES, LossInputs
 
 
@@ -119,9 +119,13 @@ class SemanticEnergyLoss(nn.Module):
         gamma: float = 2.0,
         scale: float = 16.0,
         margin: float = 0.0,
+        centre_init: str = "random",
     ) -> None:
         super().__init__()
         _check_non_negative(weight=weight, cfl_weight=cfl_weight, repel_weight=repel_weight)
+        if centre_init not in ("random", "class_means"):
+            raise ValueError(f"centre_init must be 'random' or 'class_means', got {centre_init!r}")
+        self.centre_init = centre_init  # "class_means": the training loop calls init_centres_from first
         self.energy = EnergyBoundedLoss(weight, m_in, m_out)
         self.cluster_focal = ClusterFocalLoss(num_classes, feature_dim, gamma, scale)
         self.cfl_weight = cfl_weight
@@ -132,6 +136,14 @@ class SemanticEnergyLoss(nn.Module):
     def centres(self) -> nn.Parameter:
         """The learnable class centres mu, shape (num_classes, feature_dim)."""
         return self.cluster_focal.centres
+
+    @torch.no_grad()
+    def init_centres_from(self, features: Tensor, labels: Tensor) -> None:
+        """Set the centres to the means of the L2-normalized ``features`` of each class (all must occur)."""
+        classes = torch.unique(labels)
+        if len(classes) != self.centres.shape[0]:
+            raise ValueError(f"class-mean centres need all {self.centres.shape[0]} classes, got {len(classes)}")
+        self.centres.copy_(normalized_class_means(features, labels))
 
     def forward(self, batch: LossInputs) -> Tensor:
         loss = self.energy(batch) + self.cfl_weight * self.cluster_focal(batch.features, batch.labels)
