@@ -91,8 +91,8 @@ def run_bench(config_path: Path, out: Path, quiet: bool = False, only: list[str]
             run_dir = out / run["name"] / f"seed{seed}"
             tic = time.perf_counter()
             model = train(recipe, run_dir, resume=True, quiet=quiet)
-            copy_sample_grids(recipe, out, prefix=f"{run['name']}-")  # the bench report shows them too
             train_s = time.perf_counter() - tic
+            copy_sample_grids(recipe, out, prefix=f"{run['name']}-")  # the bench report shows them too
             evaluation = evaluate(model, benchmark, detectors, method=method, cache=OutputCache(), quiet=quiet,
                                   train_subset=recipe.train_subset)
             evaluation.timings["train_s"] = train_s

@@ -21,7 +21,7 @@ from oodforge.data.benchmarks import Benchmark, adapt_images, get_benchmark
 from oodforge.data.datasets import load_dataset, overlaps
 from oodforge.data.imageset import ImageSet
 from oodforge.data.sampling import MixedBatchSampler
-from oodforge.features import compute_outputs
+from oodforge.features import OutputCache
 from oodforge.io import atomic_json, atomic_torch_save
 from oodforge.losses import LOSSES, LossInputs, create_loss
 from oodforge.losses.outlier_exposure import uniform_cross_entropy
@@ -201,9 +201,6 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, quiet: 
     optimizer = torch.optim.SGD(step.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay, nesterov=config.momentum > 0)
     real, synthetic, outliers = training_data(config, benchmark)
-    if getattr(loss_fn, "centre_init", None) == "class_means":  # sde: centres from the starting model
-        outputs = compute_outputs(model, real)
-        loss_fn.init_centres_from(outputs.features, outputs.labels)
     transform = benchmark.train_transform()
     datasets = [real.torch_dataset(transform)] + ([synthetic.torch_dataset(transform)] if synthetic else [])
     sampler = MixedBatchSampler(len(real), config.batch_size, len(synthetic) if synthetic else 0,
@@ -222,6 +219,8 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, quiet: 
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start_epoch, history = state["epoch"], state["history"]
+    else:
+        start_centres(loss_fn, model, real)
     step, optimizer = fabric.setup(step, optimizer)
     outlier_batches = None
     if outliers is not None:
@@ -269,6 +268,16 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, quiet: 
         atomic_json({"train_config": asdict(config), "history": history}, out_dir / "train.json")
     model.history = history
     return model.eval()
+
+
+def start_centres(loss: nn.Module, model: Classifier, real: ImageSet) -> None:
+    """Fresh runs of ``sde`` with ``centre_init=class_means``: centres = the starting model's class means.
+
+    The outputs come from the output cache, so seeds fine-tuning the same model share one forward pass.
+    """
+    if getattr(loss, "centre_init", None) == "class_means":
+        outputs = OutputCache().outputs(model, real)
+        loss.init_centres_from(outputs.features, outputs.labels)
 
 
 def attach_centres(model: Classifier, loss: nn.Module) -> None:
