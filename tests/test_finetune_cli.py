@@ -49,8 +49,8 @@ def test_finetune_with_outliers_then_score(tmp_path):
 @needs_mnist_family
 def test_sde_with_class_mean_centres_starts_from_the_init_models_features(tmp_path):
     from oodforge.data.benchmarks import get_benchmark
-    from oodforge.detectors.semantic_energy import normalized_class_means
     from oodforge.features import compute_outputs
+    from oodforge.scores import normalized_class_means
     from oodforge.train import TrainConfig, train
 
     base = train(TrainConfig(epochs=1, train_subset=300, lr=0.05), tmp_path / "base", quiet=True)

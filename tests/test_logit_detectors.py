@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from oodforge.detectors.base import ModelOutputs, create_detector
-from oodforge.detectors.logits import MSP, ODIN, Energy, MaxLogit, energy_score
+from oodforge.detectors.logits import MSP, ODIN, Energy, MaxLogit
+from oodforge.scores import energy_score
 
 LOGITS = [[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]]
 

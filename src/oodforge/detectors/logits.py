@@ -6,11 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
-
-
-def energy_score(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """Negative free energy, T * logsumexp(f / T): higher = more in-distribution."""
-    return temperature * torch.logsumexp(logits / temperature, dim=1)
+from oodforge.scores import energy_score
 
 
 @DETECTORS.register("msp")

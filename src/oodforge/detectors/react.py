@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
-from oodforge.detectors.logits import energy_score
+from oodforge.scores import energy_score
 
 
 @DETECTORS.register("react")

@@ -1,6 +1,6 @@
 """Energy-bounded fine-tuning (Liu et al. 2020) and the semantic-driven energy loss with cluster focal loss.
 
-E(x) = -T logsumexp(f(x)/T) with T = 1, taken from ``oodforge.detectors.logits.energy_score``.
+E(x) = -T logsumexp(f(x)/T) with T = 1, taken from ``oodforge.scores.energy_score``.
 Both losses read ``LossInputs.id_logits`` / ``outlier_logits`` (test-time logits) for the energy
 hinges and ``LossInputs.logits`` (training logits) for cross-entropy. A batch without outliers
 skips the outlier hinge (and, for ``sde``, the outlier repulsion); the ID terms still apply.
@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from oodforge.detectors.logits import energy_score
-from oodforge.detectors.semantic_energy import cosine_to_centres, normalized_class_means, representation_score
 from oodforge.losses.base import LOSSES, LossInputs
+from oodforge.scores import cosine_to_centres, energy_score, normalized_class_means, representation_score
 
 
 def energy_bounded_term(
