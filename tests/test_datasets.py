@@ -187,8 +187,12 @@ def test_sixteen_bit_png_is_scaled_to_eight_bits() -> None:
 
 
 def test_missing_folder_raises_dataset_not_found(tmp_path, tmp_cache) -> None:
-    with pytest.raises(DatasetNotFoundError, match="OODFORGE_DATA"):
+    """An explicit folder spec names the folder (the OODFORGE_DATA hint is only for registered datasets)."""
+    with pytest.raises(DatasetNotFoundError, match="no folder or archive absent") as error:
         load_dataset(f"folder:{tmp_path / 'absent'}")
+    assert "OODFORGE_DATA" not in str(error.value)
+    with pytest.raises(DatasetNotFoundError, match="OODFORGE_DATA"):
+        load_dataset("cifar10", root=tmp_path)
 
 
 def test_folder_without_images_raises_dataset_not_found(tmp_path, tmp_cache) -> None:

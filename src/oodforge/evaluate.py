@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,13 +14,22 @@ import yaml
 from torch.utils.data import DataLoader
 
 from oodforge.data.benchmarks import Benchmark
-from oodforge.data.imageset import ImageSet
 from oodforge.detectors import DETECTORS, Detector, ModelOutputs, create_detector
 from oodforge.diagnostics import tolerance, uniformity
-from oodforge.features import OutputCache
+from oodforge.features import (
+    Data,
+    OutputCache,
+    as_classifier,
+    as_loader,
+    extract_outputs,
+    image_loader,
+    model_device,
+    split_batch,
+)
 from oodforge.io import atomic_json, atomic_npz
 from oodforge.metrics import accuracy, ood_metrics
 from oodforge.progress import progress_bar
+from oodforge.results import OODResults
 
 
 def parse_detector_spec(spec: str) -> dict[str, dict]:
@@ -51,7 +62,7 @@ def applicable(name: str, model: torch.nn.Module) -> bool:
 class Evaluation:
     """Everything one model's evaluation on a benchmark produced."""
 
-    id_accuracy: float
+    id_accuracy: float | None
     results: list[dict] = field(default_factory=list)
     scores: dict[str, np.ndarray] = field(default_factory=dict)
     diagnostics: dict = field(default_factory=dict)
@@ -59,12 +70,23 @@ class Evaluation:
     detectors: dict[str, Detector] = field(default_factory=dict)
 
 
-def input_scores(detector: Detector, model: torch.nn.Module, images: ImageSet, device: torch.device | str,
-                 batch_size: int) -> torch.Tensor:
+def input_scores(detector: Detector, model: torch.nn.Module, loader: DataLoader, device: torch.device | str
+                 ) -> torch.Tensor:
     """Scores of a detector that needs the inputs themselves (ODIN), batch by batch."""
+    was_training = model.training
     model.eval()
-    loader = DataLoader(images.torch_dataset(), batch_size=batch_size, shuffle=False)
-    return torch.cat([detector.score(model, x.to(device)).float().cpu() for x, _ in loader])
+    try:
+        return torch.cat([detector.score(model, split_batch(batch)[0].to(device)).float().cpu() for batch in loader])
+    finally:
+        model.train(was_training)
+
+
+def id_accuracy(outputs: ModelOutputs) -> float | None:
+    """Top-1 accuracy of the ID test outputs, or None when they are not all labelled."""
+    labels = outputs.labels
+    if labels is None or len(labels) == 0 or bool((labels < 0).any()):
+        return None
+    return accuracy(outputs.logits.numpy(), labels.numpy())
 
 
 def evaluate(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, dict], *,
@@ -77,23 +99,41 @@ def evaluate(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, 
     others fit on the ID training set (``train_subset`` class-balanced images if given, as in training).
     """
     cache = cache or OutputCache()
-    fitted = fitted or {}
-    model = model.to(device).eval()
-    names = [n for n in detectors if applicable(n, model)]
-    built = {n: fitted.get(n) or create_detector(n, **detectors[n]) for n in names}
+    model = as_classifier(model).to(device).eval()
     start = time.perf_counter()
-    test = benchmark.id_set("test", root)
-    sets = {benchmark.id_dataset: test} | {n: benchmark.ood_set(n, root) for n in benchmark.ood}
+    sets = {benchmark.id_dataset: benchmark.id_set("test", root)} | {n: benchmark.ood_set(n, root)
+                                                                     for n in benchmark.ood}
     outputs = {n: cache.outputs(model, s, device, batch_size, quiet) for n, s in sets.items()}
-    train_outputs = None
-    if any(d.needs_fit and n not in fitted for n, d in built.items()):
+
+    def train_outputs() -> ModelOutputs:
         train_images = benchmark.id_set("train", root)
         if train_subset:
             train_images = train_images.balanced_head(train_subset)
-        train_outputs = cache.outputs(model, train_images, device, batch_size, quiet)
-    timings = {"outputs_s": time.perf_counter() - start}
-    evaluation = Evaluation(accuracy(outputs[benchmark.id_dataset].logits.numpy(), test.labels),
-                            diagnostics=feature_diagnostics(outputs[benchmark.id_dataset]), timings=timings)
+        return cache.outputs(model, train_images, device, batch_size, quiet)
+
+    loaders = {n: functools.partial(image_loader, s, batch_size) for n, s in sets.items()}
+    return score_sets(model, detectors, outputs, loaders, benchmark.id_dataset, benchmark.ood, train_outputs,
+                      method=method, fitted=fitted, quiet=quiet, device=device,
+                      timings={"outputs_s": time.perf_counter() - start})
+
+
+def score_sets(model: torch.nn.Module, detectors: dict[str, dict], outputs: dict[str, ModelOutputs],
+               loaders: dict[str, Callable[[], DataLoader]], id_name: str, groups: dict[str, str],
+               train_outputs: Callable[[], ModelOutputs], *, method: str | None = None,
+               fitted: dict[str, Detector] | None = None, quiet: bool = False, device: torch.device | str = "cpu",
+               timings: dict | None = None) -> Evaluation:
+    """Fit each detector once and score the ID set ``id_name`` and every OOD set of ``groups`` with it.
+
+    ``outputs`` holds every set's model outputs; detectors that need the inputs (ODIN) read them
+    from ``loaders``; ``train_outputs`` is called only when some detector must be fitted.
+    """
+    fitted = fitted or {}
+    names = [n for n in detectors if applicable(n, model)]
+    built = {n: fitted.get(n) or create_detector(n, **detectors[n]) for n in names}
+    train = train_outputs() if any(d.needs_fit and n not in fitted for n, d in built.items()) else None
+    timings = {**(timings or {})}
+    evaluation = Evaluation(id_accuracy(outputs[id_name]), diagnostics=feature_diagnostics(outputs[id_name]),
+                            timings=timings)
     prefix = f"{method}/" if method else ""
     with progress_bar(quiet) as bar:
         task = bar.add_task("detectors", total=len(built))
@@ -101,26 +141,26 @@ def evaluate(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, 
             bar.update(task, status=name)
             tic = time.perf_counter()
             if detector.needs_fit and name not in fitted:
-                detector.fit(train_outputs, model)
-            for dataset, images in sets.items():
-                scores = (input_scores(detector, model, images, device, batch_size) if detector.needs_inputs
+                detector.fit(train, model)
+            for dataset in [id_name, *groups]:
+                scores = (input_scores(detector, model, loaders[dataset](), device) if detector.needs_inputs
                           else detector.score_outputs(outputs[dataset]))
                 evaluation.scores[f"{prefix}{name}/{dataset}"] = scores.numpy().astype(np.float64)
             timings[f"{name}_s"] = time.perf_counter() - tic
             evaluation.detectors[name] = detector
             bar.advance(task)
-    evaluation.results = results_table(evaluation.scores, benchmark, names, method)
+    evaluation.results = results_table(evaluation.scores, id_name, groups, names, method)
     return evaluation
 
 
-def results_table(scores: dict[str, np.ndarray], benchmark: Benchmark, detectors: list[str],
+def results_table(scores: dict[str, np.ndarray], id_name: str, groups: dict[str, str], detectors: list[str],
                   method: str | None) -> list[dict]:
     """One metrics row per (detector, OOD set), computed from the raw ``scores``."""
     prefix = f"{method}/" if method else ""
     rows = []
     for name in detectors:
-        id_scores = scores[f"{prefix}{name}/{benchmark.id_dataset}"]
-        for dataset, group in benchmark.ood.items():
+        id_scores = scores[f"{prefix}{name}/{id_name}"]
+        for dataset, group in groups.items():
             metrics = ood_metrics(id_scores, scores[f"{prefix}{name}/{dataset}"])
             rows.append({"method": method or "model", "detector": name, "ood_dataset": dataset,
                          "group": group, **metrics})
@@ -154,3 +194,69 @@ def load_fitted_detectors(folder: Path, names: list[str]) -> dict[str, Detector]
         if path.is_file() and loader is not None:
             fitted[name] = loader(path)
     return fitted
+
+
+def evaluate_ood(model: torch.nn.Module, id_train: Data | None, id_test: Data, ood: dict[str, object],
+                 detectors: str | list[str] | dict[str, dict] = "all", *, out: str | Path | None = None,
+                 device: torch.device | str | None = None, batch_size: int = 256, num_workers: int = 0,
+                 quiet: bool = False, id_name: str = "id", name: str = "custom") -> OODResults:
+    """Evaluate detectors on any classifier and data: fit on ``id_train``, score ``id_test`` and each OOD set.
+
+    ``ood`` maps a name to data or to ``(data, "near" | "far")`` (plain data counts as far); data are
+    DataLoaders, Datasets or tensors with batches ``x`` or ``(x, y)``. With ``out``, the usual run
+    folder (results.json, scores.npz, report.html) is written there.
+    """
+    from oodforge.data.benchmarks import Benchmark
+    from oodforge.runs import run_payload, save_run
+
+    spec = detector_options(detectors)
+    model = as_classifier(model)
+    device = model_device(model) if device is None else torch.device(device)
+    groups, data = _ood_groups(ood, id_name)
+    sets = {id_name: id_test, **data}
+    loaders = {n: as_loader(d, batch_size, num_workers) for n, d in sets.items()}
+    start = time.perf_counter()
+    outputs = {n: extract_outputs(model, loader, device, quiet=quiet) for n, loader in loaders.items()}
+
+    def train_outputs() -> ModelOutputs:
+        if id_train is None:
+            raise ValueError("id_train is needed to fit " + ", ".join(n for n in spec if DETECTORS.get(n).needs_fit))
+        return extract_outputs(model, as_loader(id_train, batch_size, num_workers), device, quiet=quiet)
+
+    evaluation = score_sets(model, spec, outputs, {n: (lambda lo=lo: lo) for n, lo in loaders.items()}, id_name,
+                            groups, train_outputs, quiet=quiet, device=device,
+                            timings={"outputs_s": time.perf_counter() - start})
+    benchmark = Benchmark(name, id_name, groups, (0, 0, 0), (), ())
+    payload, scores = run_payload(benchmark, {"model": (model, evaluation, {}, None)})
+    if out is not None:
+        save_run(Path(out), payload, scores)
+    return OODResults(payload, scores, evaluation.detectors)
+
+
+def detector_options(detectors: str | list[str] | dict[str, dict]) -> dict[str, dict]:
+    """A ``--detectors`` string, a list of such items, or {name: options} -> {name: options}, checked."""
+    if isinstance(detectors, str):
+        return parse_detector_spec(detectors)
+    if isinstance(detectors, dict):
+        for name in detectors:
+            DETECTORS.get(name)
+        return {n: dict(o or {}) for n, o in detectors.items()}
+    return parse_detector_spec(",".join(detectors))
+
+
+def _ood_groups(ood: dict[str, object], id_name: str) -> tuple[dict[str, str], dict[str, object]]:
+    """{name: data or (data, group)} -> ({name: group}, {name: data})."""
+    if not isinstance(ood, dict) or not ood:
+        raise ValueError("ood must map at least one OOD set name to data or (data, 'near' | 'far')")
+    groups, data = {}, {}
+    for name, entry in ood.items():
+        if name == id_name:
+            raise ValueError(f"OOD set {name!r} has the ID set's name; pass id_name= or rename it")
+        if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], str):
+            entry, group = entry
+            if group not in ("near", "far"):
+                raise ValueError(f"group of OOD set {name!r} must be 'near' or 'far', got {group!r}")
+        else:
+            group = "far"
+        groups[name], data[name] = group, entry
+    return groups, data

@@ -1,21 +1,105 @@
-"""One forward pass per (model, dataset): logits, penultimate features and labels, cached on disk."""
+"""Output extraction (any model, any data) and the on-disk output cache.
+
+``extract_outputs`` runs a classifier over a DataLoader, Dataset or tensor and returns its logits,
+penultimate features and labels. ``OutputCache`` keeps one forward pass per (model, dataset) under
+``$OODFORGE_CACHE/outputs``, written batch by batch into ``.npy`` files and read back memory-mapped,
+so a set larger than memory costs disk, not RAM.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from torch.utils.data import DataLoader
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from oodforge.data.datasets import cache_root
 from oodforge.data.imageset import ImageSet
-from oodforge.detectors.base import ModelOutputs
-from oodforge.io import atomic_torch_save
+from oodforge.data.streaming import FileImageSet
+from oodforge.detectors.base import ModelOutputs, classifier_view, features_and_logits
 from oodforge.progress import progress_bar
+
+Data = DataLoader | Dataset | Tensor
+
+
+as_classifier = classifier_view
+
+
+def as_loader(data: Data, batch_size: int = 256, num_workers: int = 0) -> DataLoader:
+    """A DataLoader over ``data`` (used as is when it already is one), in order."""
+    if isinstance(data, DataLoader):
+        return data
+    if isinstance(data, Tensor):
+        data = TensorDataset(data)
+    if not isinstance(data, Dataset):
+        raise TypeError(f"data must be a DataLoader, a torch Dataset or a tensor, got {type(data).__name__}")
+    return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def split_batch(batch: object) -> tuple[Tensor, Tensor | None]:
+    """A batch ``x``, ``(x,)`` or ``(x, y, ...)`` -> (x, y or None)."""
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, list | tuple) and batch and isinstance(batch[0], Tensor):
+        labels = batch[1] if len(batch) > 1 else None
+        return batch[0], None if labels is None else torch.as_tensor(labels)
+    raise TypeError(f"a batch must be x or (x, y) with x a tensor, got {type(batch).__name__}")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU when it has none)."""
+    tensor = next(iter(model.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def forward_batches(model: nn.Module, loader: DataLoader, device: torch.device | str, quiet: bool = True,
+                    label: str = "forward") -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+    """(features, logits, labels) per batch, float32 on the CPU, in inference mode with the model in eval
+    mode; the model's previous mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), progress_bar(quiet) as bar:
+            task = bar.add_task(label, total=len(loader) if hasattr(loader, "__len__") else None)
+            for batch in loader:
+                x, y = split_batch(batch)
+                features, logits = features_and_logits(model, x.to(device, non_blocking=True))
+                yield features.flatten(1).float().cpu(), logits.float().cpu(), y
+                bar.advance(task)
+    finally:
+        model.train(was_training)
+
+
+def extract_outputs(model: nn.Module, data: Data, device: torch.device | str | None = None,
+                    batch_size: int = 256, num_workers: int = 0, quiet: bool = False) -> ModelOutputs:
+    """Logits, penultimate features and labels (None if the batches have none) of ``model`` on ``data``.
+
+    ``model`` is any classifier (wrapped with ``wrap_model`` when it is a plain network); ``data`` a
+    DataLoader, a Dataset or a tensor of inputs, with batches ``x`` or ``(x, y)``.
+    """
+    model = as_classifier(model)
+    device = model_device(model) if device is None else torch.device(device)
+    loader = as_loader(data, batch_size, num_workers)
+    features, logits, labels = [], [], []
+    for f, lg, y in forward_batches(model, loader, device, quiet, "forward"):
+        features.append(f)
+        logits.append(lg)
+        labels.append(y)
+    if not logits:
+        raise ValueError("data yielded no batches")
+    has_labels = all(y is not None for y in labels)
+    return ModelOutputs(torch.cat(logits), torch.cat(features),
+                        torch.cat([y.long() for y in labels]) if has_labels else None)
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -23,57 +107,120 @@ def model_fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
     digest.update(json.dumps(getattr(config, "__dict__", {}), sort_keys=True, default=str).encode())
+    describe = getattr(model, "describe", None)
+    if callable(describe) and config is None:
+        digest.update(json.dumps(describe(), sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
-def images_fingerprint(images: ImageSet) -> str:
-    """A short hash of an ``ImageSet``'s name, shape and pixels (sampled rows, for speed)."""
-    digest = hashlib.sha256(f"{images.name}{images.images.shape}".encode())
-    step = max(1, len(images) // 256)
-    digest.update(np.ascontiguousarray(images.images[::step]).tobytes())
-    digest.update(images.labels.tobytes())
-    return digest.hexdigest()[:16]
+Images = ImageSet | FileImageSet
 
 
-@torch.no_grad()
-def compute_outputs(model: nn.Module, images: ImageSet, device: torch.device | str = "cpu",
-                    batch_size: int = 500, quiet: bool = True) -> ModelOutputs:
-    """Run ``model`` (eval mode) over ``images`` without augmentation; outputs are on the CPU."""
-    model.eval()
-    loader = DataLoader(images.torch_dataset(), batch_size=batch_size, shuffle=False)
-    parts = []
-    with progress_bar(quiet) as bar:
-        task = bar.add_task(f"forward {images.name}", total=len(loader))
-        for x, y in loader:
-            features = model.features(x.to(device, non_blocking=True))
-            logits = model.head(features)
-            parts.append(ModelOutputs(logits.float().cpu(), features.float().cpu(), y))
-            bar.advance(task)
-    return ModelOutputs.cat(parts)
+def loader_workers(images: Images) -> int:
+    """DataLoader workers for a set: none for decoded arrays; ``$OODFORGE_WORKERS`` or the CPU count
+    (at most 8) for streamed files."""
+    if isinstance(images, ImageSet):
+        return 0
+    return int(os.environ.get("OODFORGE_WORKERS", min(8, os.cpu_count() or 1)))
+
+
+def image_loader(images: Images, batch_size: int, transform=None) -> DataLoader:
+    """An in-order DataLoader over an image set (streamed sets decode in worker processes)."""
+    workers = loader_workers(images)
+    return DataLoader(images.torch_dataset(transform), batch_size=batch_size, shuffle=False, num_workers=workers,
+                      pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None)
+
+
+def compute_outputs(model: nn.Module, images: Images, device: torch.device | str = "cpu", batch_size: int = 500,
+                    quiet: bool = True, folder: Path | None = None) -> ModelOutputs:
+    """Run ``model`` (eval mode) over ``images`` without augmentation; with ``folder``, write the outputs
+    there batch by batch as ``.npy`` files and return them memory-mapped."""
+    model = as_classifier(model)
+    batches = forward_batches(model, image_loader(images, batch_size), device, quiet, f"forward {images.name}")
+    if folder is None:
+        return ModelOutputs.cat([ModelOutputs(logits, features, y) for features, logits, y in batches])
+    writer = OutputWriter(folder, len(images))
+    for features, logits, y in batches:
+        writer.add(features, logits, y)
+    return writer.finish()
+
+
+class OutputWriter:
+    """Writes outputs batch by batch into ``logits.npy``, ``features.npy`` and ``labels.npy`` of a folder."""
+
+    def __init__(self, folder: Path, rows: int) -> None:
+        self.folder, self.rows, self.filled = folder, rows, 0
+        self.arrays: dict[str, np.ndarray] = {}
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def add(self, features: Tensor, logits: Tensor, labels: Tensor | None) -> None:
+        """Append one batch."""
+        if not self.arrays:
+            for name, width in (("features", features.shape[1]), ("logits", logits.shape[1])):
+                self.arrays[name] = np.lib.format.open_memmap(self.folder / f"{name}.npy", "w+", np.float32,
+                                                              (self.rows, width))
+            self.arrays["labels"] = np.lib.format.open_memmap(self.folder / "labels.npy", "w+", np.int64,
+                                                              (self.rows,))
+        end = self.filled + len(logits)
+        self.arrays["features"][self.filled:end] = features.numpy()
+        self.arrays["logits"][self.filled:end] = logits.numpy()
+        self.arrays["labels"][self.filled:end] = -1 if labels is None else labels.numpy()
+        self.filled = end
+
+    def finish(self) -> ModelOutputs:
+        """Flush, check the row count and return the outputs memory-mapped."""
+        if self.filled != self.rows:
+            raise RuntimeError(f"expected {self.rows} rows of outputs, got {self.filled}")
+        for array in self.arrays.values():
+            array.flush()
+        self.arrays.clear()
+        (self.folder / "complete").write_text("1\n")
+        return read_outputs(self.folder)
+
+
+def read_outputs(folder: Path) -> ModelOutputs:
+    """Outputs written by ``OutputWriter``, memory-mapped (copy-on-write, so nothing writes back)."""
+    arrays = {n: torch.from_numpy(np.load(folder / f"{n}.npy", mmap_mode="c")) for n in ("logits", "features",
+                                                                                         "labels")}
+    return ModelOutputs(arrays["logits"], arrays["features"], arrays["labels"])
 
 
 class OutputCache:
-    """Outputs stored under ``<cache>/outputs/<model hash>/<dataset hash>.pt`` and reused by every detector."""
+    """Outputs stored under ``<cache>/outputs/<model hash>/<dataset>-<hash>/`` and reused by every detector.
+
+    A failed write (full disk, read-only cache) warns and goes on without the cache.
+    """
 
     def __init__(self, folder: Path | None = None, enabled: bool = True) -> None:
         self.folder = folder or cache_root() / "outputs"
         self.enabled = enabled
 
-    def outputs(self, model: nn.Module, images: ImageSet, device: torch.device | str = "cpu",
+    def outputs(self, model: nn.Module, images: Images, device: torch.device | str = "cpu",
                 batch_size: int = 500, quiet: bool = True, model_key: str | None = None) -> ModelOutputs:
         """Cached outputs of ``model`` on ``images``, computed on a miss."""
         if not self.enabled:
             return compute_outputs(model, images, device, batch_size, quiet)
-        path = self.folder / (model_key or model_fingerprint(model)) / f"{images.name}-{images_fingerprint(images)}.pt"
-        if path.is_file():
+        entry = self.folder / (model_key or model_fingerprint(model)) / f"{_slug(images.name)}-{images.fingerprint()}"
+        if (entry / "complete").is_file():
             try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-                return ModelOutputs(state["logits"], state["features"], state["labels"])
-            except Exception:  # a damaged entry is recomputed
-                path.unlink(missing_ok=True)
-        out = compute_outputs(model, images, device, batch_size, quiet)
-        atomic_torch_save({"logits": out.logits, "features": out.features, "labels": out.labels}, path)
-        return out
+                return read_outputs(entry)
+            except (OSError, ValueError):  # a damaged entry is recomputed
+                shutil.rmtree(entry, ignore_errors=True)
+        partial = entry.with_name(f".{entry.name}.{os.getpid()}.partial")
+        try:
+            compute_outputs(model, images, device, batch_size, quiet, folder=partial)
+            shutil.rmtree(entry, ignore_errors=True)
+            os.replace(partial, entry)
+            return read_outputs(entry)
+        except OSError as exc:
+            warnings.warn(f"output cache {self.folder} not written ({exc}); going on without it", stacklevel=2)
+            return compute_outputs(model, images, device, batch_size, quiet)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[-60:]

@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
+from torch import nn
 
 from oodforge.data.benchmarks import Benchmark
 from oodforge.evaluate import Evaluation, mean_auroc, write_run
 from oodforge.io import atomic_write
-from oodforge.models.classifier import Classifier
 
 
-def model_summary(model: Classifier, evaluation: Evaluation, checkpoint: str | None = None) -> dict:
+def model_summary(model: nn.Module, evaluation: Evaluation, checkpoint: str | None = None) -> dict:
     """The ``model`` block of results.json: config, parameter count, checkpoint, feature diagnostics."""
-    return {**asdict(model.config), "parameters": sum(p.numel() for p in model.parameters()),
+    describe = getattr(model, "describe", None)
+    config = describe() if callable(describe) else {"net": type(model).__name__}
+    return {**config, "parameters": sum(p.numel() for p in model.parameters()),
             "checkpoint": checkpoint, "diagnostics": evaluation.diagnostics}
 
 
-def run_payload(benchmark: Benchmark, evaluations: dict[str, tuple[Classifier, Evaluation, dict, str | None]]
+def percent(value: float | None) -> str:
+    """``0.9123`` -> ``"91.23%"``; None (unlabelled ID test set) -> ``"n/a"``."""
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+def run_payload(benchmark: Benchmark, evaluations: dict[str, tuple[nn.Module, Evaluation, dict, str | None]]
                 ) -> tuple[dict, dict[str, np.ndarray]]:
     """results.json content and scores for one or several methods (method -> (model, eval, train, ckpt))."""
     several = len(evaluations) > 1
@@ -56,7 +62,7 @@ def print_results(payload: dict, console: Console | None = None) -> None:
     results = payload["results"]
     ood_sets = list(payload["ood_sets"])
     methods = list(dict.fromkeys(r["method"] for r in results))
-    table = Table(title=f"{payload['benchmark']}: AUROC % (ID accuracy {100 * payload['id_accuracy']:.2f}%)")
+    table = Table(title=f"{payload['benchmark']}: AUROC % (ID accuracy {percent(payload['id_accuracy'])})")
     for column in (["method"] if len(methods) > 1 else []) + ["detector"] + ood_sets + ["near", "far", "FPR95"]:
         table.add_column(column, justify="left" if column in ("method", "detector") else "right")
     for method in methods:
@@ -74,8 +80,8 @@ def results_markdown(payload: dict) -> str:
     """Every metric row of a run as a Markdown table (percentages)."""
     several = len({r["method"] for r in payload["results"]}) > 1
     header = (["method"] if several else []) + ["detector", "OOD set", "group", "AUROC", "AUPR-In", "AUPR-Out", "FPR95"]
-    lines = [f"ID accuracy: {100 * payload['id_accuracy']:.2f}%" if not several else
-             "ID accuracy: " + ", ".join(f"{m} {100 * v['id_accuracy']:.2f}%" for m, v in payload["methods"].items()),
+    lines = [f"ID accuracy: {percent(payload['id_accuracy'])}" if not several else
+             "ID accuracy: " + ", ".join(f"{m} {percent(v['id_accuracy'])}" for m, v in payload["methods"].items()),
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in payload["results"]:
         cells = ([r["method"]] if several else []) + [r["detector"], r["ood_dataset"], r["group"]]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +12,19 @@ from torchvision.transforms.v2 import functional as TF
 
 from oodforge.data.datasets import load_dataset
 from oodforge.data.imageset import ImageSet
+from oodforge.data.streaming import FileImageSet
 from oodforge.registry import Registry
+
+Images = ImageSet | FileImageSet
 
 
 @dataclass(frozen=True)
 class Benchmark:
-    """An ID dataset, its OOD test sets (name -> "near" | "far"), and its training defaults."""
+    """An ID dataset, its OOD test sets (name -> "near" | "far"), and its training defaults.
+
+    Built-in benchmarks name registered datasets; a YAML benchmark (``load_benchmark_file``) maps
+    its names to dataset specs in ``sources`` (keys ``id:train``, ``id:test`` and the OOD names).
+    """
 
     name: str
     id_dataset: str
@@ -28,17 +35,37 @@ class Benchmark:
     augment: str = "none"  # "none" or "crop_flip"
     default_backbone: str = "small_cnn"
     notes: dict[str, str] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    classes: tuple[str, ...] | None = None  # class order of a YAML benchmark (default: sorted train folders)
+    resize: str = "stretch"  # "stretch" or "shorter_crop" (resize the shorter side, then centre-crop)
+    streaming: str = "never"  # folder datasets: "auto", "always" or "never" (decode into memory)
+    val: dict = field(default_factory=dict)  # validation data: {"id": spec, "ood": {name: spec}}
+    path: str | None = None  # the YAML file, if any
 
-    def id_set(self, split: str, root: str | Path | None = None) -> ImageSet:
-        """The ID train or test split."""
-        return load_dataset(self.id_dataset, split, root)
+    def spec(self, key: str) -> str:
+        """The dataset spec behind ``id:train``, ``id:test`` or an OOD name."""
+        return self.sources.get(key, self.id_dataset if key.startswith("id:") else key)
 
-    def ood_set(self, name: str, root: str | Path | None = None) -> ImageSet:
+    def id_set(self, split: str, root: str | Path | None = None) -> Images:
+        """The ID train or test split, in the benchmark's image shape and class order."""
+        images = load_dataset(self.spec(f"id:{split}"), split, root, streaming=self.streaming)
+        images = adapt(images, self.image_shape, self.resize)
+        if self.path is None:
+            return images
+        classes = list(self.classes) if self.classes else (
+            images.classes if split == "train" else self.id_set("train", root).classes)
+        return relabel(images, classes, self.spec(f"id:{split}"))
+
+    def ood_set(self, name: str, root: str | Path | None = None) -> Images:
         """An OOD test set in the ID image size and channels."""
         if name not in self.ood:
             raise KeyError(f"{name!r} is not an OOD set of benchmark {self.name!r}; its sets: {sorted(self.ood)}")
-        images = load_dataset(name, "test", root, image_shape=self.image_shape)
-        return adapt_images(images, self.image_shape)
+        images = load_dataset(self.spec(name), "test", root, image_shape=self.image_shape, streaming=self.streaming)
+        return adapt(images, self.image_shape, self.resize)
+
+    def num_classes(self, root: str | Path | None = None) -> int:
+        """How many ID classes the benchmark has."""
+        return len(self.classes) if self.classes else len(self.id_set("test", root).classes)
 
     def train_transform(self) -> v2.Transform | None:
         """Training augmentation on (C, H, W) float tensors."""
@@ -70,12 +97,39 @@ _register(Benchmark("cifar10_oe", "cifar10",
 
 
 def get_benchmark(name: str) -> Benchmark:
-    """The benchmark registered as ``name``."""
+    """The benchmark registered as ``name``, or the one a ``.yaml``/``.yml`` file describes."""
+    if name.endswith((".yaml", ".yml")):
+        from oodforge.data.benchmark_file import load_benchmark_file
+
+        return load_benchmark_file(Path(name))
     return BENCHMARKS.create(name)
 
 
-def adapt_images(images: ImageSet, shape: tuple[int, int, int], batch: int = 2048) -> ImageSet:
-    """Resize (antialiased bilinear) and convert channels (gray <-> RGB) to ``shape`` = (H, W, C)."""
+def adapt(images: Images, shape: tuple[int, int, int], resize: str = "stretch") -> Images:
+    """Images in ``shape`` (H, W, C): converted now (in memory) or on loading (streamed files)."""
+    if isinstance(images, FileImageSet):
+        return images.reshaped(shape, resize)
+    return adapt_images(images, shape, resize=resize)
+
+
+def relabel(images: Images, classes: list[str], spec: str) -> Images:
+    """``images`` with labels re-indexed into ``classes`` by class name (unlabelled images stay -1)."""
+    if list(images.classes) == list(classes) or not images.classes:
+        return images
+    unknown = sorted(set(images.classes) - set(classes))
+    if unknown:
+        raise ValueError(f"{spec}: class folders {unknown[:5]} are not among the benchmark's classes {classes[:10]}")
+    mapping = np.array([classes.index(c) for c in images.classes], np.int64)
+    labels = np.where(images.labels >= 0, mapping[np.clip(images.labels, 0, None)], -1)
+    return replace(images, labels=labels, classes=list(classes))
+
+
+def adapt_images(images: ImageSet, shape: tuple[int, int, int], batch: int = 2048, resize: str = "stretch"
+                 ) -> ImageSet:
+    """Resize (antialiased bilinear) and convert channels (gray <-> RGB) to ``shape`` = (H, W, C).
+
+    ``resize="shorter_crop"`` scales the shorter side to H and centre-crops instead of stretching.
+    """
     height, width, channels = shape
     if images.image_shape == tuple(shape):
         return images
@@ -85,7 +139,10 @@ def adapt_images(images: ImageSet, shape: tuple[int, int, int], batch: int = 204
         if chunk.shape[1] != channels:
             chunk = chunk.expand(-1, 3, -1, -1) if channels == 3 else _luma(chunk)
         if chunk.shape[2:] != (height, width):
-            chunk = TF.resize(chunk, [height, width], antialias=True)
+            if resize == "shorter_crop":
+                chunk = TF.center_crop(TF.resize(chunk, height, antialias=True), [height, width])
+            else:
+                chunk = TF.resize(chunk, [height, width], antialias=True)
         out[start:start + batch] = chunk.permute(0, 2, 3, 1).numpy()
     return ImageSet(images.name, out, images.labels, images.classes)
 

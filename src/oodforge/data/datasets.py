@@ -23,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from oodforge.data.imageset import ImageSet
+from oodforge.data.streaming import FileImageSet, unpack_tar
 from oodforge.io import atomic_json, atomic_npy
 from oodforge.registry import Registry
 
@@ -34,8 +35,8 @@ SPLITS = ("train", "test")
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset's files are not where oodforge looked for them."""
 
-    def __init__(self, name: str, folder: Path, detail: str = "") -> None:
-        hint = "; set OODFORGE_DATA to the folder that holds it"
+    def __init__(self, name: str, folder: Path, detail: str = "", hint: bool = True) -> None:
+        hint = "; set OODFORGE_DATA to the folder that holds it" if hint else ""
         super().__init__(f"dataset {name!r} not found in {folder}{': ' + detail if detail else ''}{hint}")
 
 
@@ -53,16 +54,25 @@ def cache_root() -> Path:
     return Path(os.environ.get("OODFORGE_CACHE", Path.home() / ".cache" / "oodforge")).expanduser()
 
 
-def load_dataset(spec: str, split: str = "test", root: str | Path | None = None,
-                 image_shape: tuple[int, int, int] | None = None) -> ImageSet:
-    """Load a registered dataset, ``folder:<dir or .tar.gz/.zip>`` or ``synthetic:<dir>``.
+STREAMING_MODES = ("auto", "always", "never")
+STREAM_BYTES = 512 << 20  # auto mode streams folders and archives whose image files exceed this
+STREAM_COUNT = 100_000  # ... or that hold more images than this
 
-    ``image_shape`` (H, W, C) is used by generated sets (noise) to match the ID images.
+
+def load_dataset(spec: str, split: str = "test", root: str | Path | None = None,
+                 image_shape: tuple[int, int, int] | None = None, streaming: str = "auto") -> ImageSet | FileImageSet:
+    """Load a registered dataset, ``folder:<dir or .tar.gz/.zip[/inner/dir]>`` or ``synthetic:<dir>``.
+
+    ``image_shape`` (H, W, C) is used by generated sets (noise) to match the ID images. Folder specs
+    are decoded into memory, or streamed from disk (``FileImageSet``) when ``streaming`` is
+    ``always``, or ``auto`` and the images are many or large (``STREAM_BYTES``, ``STREAM_COUNT``).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if streaming not in STREAMING_MODES:
+        raise ValueError(f"streaming must be one of {STREAMING_MODES}, got {streaming!r}")
     if spec.startswith("folder:"):
-        return image_folder(Path(spec.split(":", 1)[1]), name=spec)
+        return image_folder(Path(spec.split(":", 1)[1]).expanduser(), name=spec, streaming=streaming)
     if spec.startswith("synthetic:"):
         from oodforge.data.synthetic import load_synthetic
 
@@ -184,27 +194,89 @@ def _source_stamp(source: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def image_folder(path: Path, name: str | None = None, prefix: str = "") -> ImageSet:
+def image_folder(path: Path, name: str | None = None, prefix: str = "", streaming: str = "never"
+                 ) -> ImageSet | FileImageSet:
     """Read ``<class>/<image>`` folders (or a .tar.gz/.zip of them); labels follow sorted class names.
 
-    ``prefix`` keeps only members under that path inside the folder or archive (e.g. ``train/``).
+    As torchvision's ImageFolder, the class is the first folder below the top; images directly at
+    the top are unlabelled (-1). ``path`` may continue inside an archive
+    (``data.tar.gz/top/test``), and ``prefix`` keeps only members under that path.
     """
     name = name or path.name
-    if not path.exists():
-        raise DatasetNotFoundError(name, path.parent, f"no folder or archive {path.name}")
+    path, prefix = locate(path, prefix, name)
+    if streaming == "always" or (streaming == "auto" and _is_large(path, prefix)):
+        return streaming_folder(path, prefix, name)
 
     def build() -> tuple[np.ndarray, np.ndarray, list[str]]:
         files = [(m, d) for m, d in iter_images(path) if m.startswith(prefix)]
         if not files:
-            raise DatasetNotFoundError(name, path, f"no image files under {prefix or 'its top level'}")
+            raise DatasetNotFoundError(name, path, f"no image files under {prefix or 'its top level'}",
+                                       hint=False)
         arrays = [decode_image(data, f"{path}:{member}") for member, data in files]
-        class_names = [Path(member).parent.name for member, _ in files]
-        classes = sorted(set(class_names))
-        index = {c: i for i, c in enumerate(classes)}
-        return stack_uniform(arrays), np.array([index[c] for c in class_names], np.int64), classes
+        labels, classes = folder_labels([member[len(prefix):] for member, _ in files])
+        return stack_uniform(arrays), labels, classes
 
     images, labels, classes = cached_arrays(f"folder-{_slug(path)}-{_slug_text(prefix)}", path, build)
     return ImageSet(name, images, labels, classes)
+
+
+def locate(path: Path, prefix: str, name: str) -> tuple[Path, str]:
+    """Split ``archive.tar.gz/inner/dir`` into (archive, "inner/dir/" + prefix); errors name the path."""
+    if path.exists():
+        return path, prefix
+    for parent in path.parents:
+        if parent.is_file():
+            return parent, f"{path.relative_to(parent).as_posix()}/{prefix}"
+        if parent.exists():
+            break
+    raise DatasetNotFoundError(name, path.parent, f"no folder or archive {path.name}", hint=False)
+
+
+def folder_labels(members: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Labels from the first folder of each relative path (sorted class names); top-level files get -1."""
+    class_names = [m.split("/", 1)[0] if "/" in m else None for m in members]
+    classes = sorted({c for c in class_names if c is not None})
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index[c] if c is not None else -1 for c in class_names], np.int64), classes
+
+
+def _member_sizes(path: Path, prefix: str) -> list[tuple[str, int]] | None:
+    """(member, bytes) of the image files of a folder or zip under ``prefix``; None for tar archives."""
+    if path.is_dir():
+        root = path / prefix if prefix else path
+        if not root.is_dir():
+            return []
+        return [(f"{prefix}{p.relative_to(root).as_posix()}", p.stat().st_size)
+                for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return sorted((i.filename, i.file_size) for i in archive.infolist()
+                          if i.filename.startswith(prefix) and i.filename.lower().endswith(IMAGE_SUFFIXES))
+    return None
+
+
+def _is_large(path: Path, prefix: str) -> bool:
+    sizes = _member_sizes(path, prefix)
+    if sizes is None:  # a tar archive: judge by its own size
+        return path.stat().st_size > STREAM_BYTES
+    return len(sizes) > STREAM_COUNT or sum(size for _, size in sizes) > STREAM_BYTES
+
+
+def streaming_folder(path: Path, prefix: str, name: str) -> FileImageSet:
+    """A ``FileImageSet`` over a folder or zip (a tar archive is unpacked into the cache first).
+
+    The first image is decoded at once, so a folder of undecodable files fails here, naming the file.
+    """
+    if not path.is_dir() and not zipfile.is_zipfile(path):
+        path = unpack_tar(path, cache_root())
+    sizes = _member_sizes(path, prefix)
+    if not sizes:
+        raise DatasetNotFoundError(name, path, f"no image files under {prefix or 'its top level'}", hint=False)
+    members = [m for m, _ in sizes]
+    labels, classes = folder_labels([m[len(prefix):] for m in members])
+    images = FileImageSet(name, path, members, labels, classes, stamp=_source_stamp(path))
+    images.load(0)
+    return images
 
 
 def _slug(path: Path) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -45,17 +46,29 @@ class ImageSet:
         Unlike the first ``count`` images this stays class-balanced when the files are sorted by class
         (the CIFAR-10 image-folder copy is); deterministic, and all images when ``count >= len(self)``.
         """
-        position = np.arange(len(self.labels))
-        rank = np.empty(len(self.labels), dtype=np.int64)  # how many earlier images share the label
-        for label in np.unique(self.labels):
-            members = np.flatnonzero(self.labels == label)
-            rank[members] = np.arange(len(members))
-        chosen = np.sort(np.lexsort((position, rank))[:count])
-        return self.subset(chosen, name)
+        return self.subset(balanced_index(self.labels, count), name)
+
+    def fingerprint(self) -> str:
+        """A short hash of the name, shape and pixels (sampled rows, for speed) and the labels."""
+        digest = hashlib.sha256(f"{self.name}{self.images.shape}".encode())
+        step = max(1, len(self) // 256)
+        digest.update(np.ascontiguousarray(self.images[::step]).tobytes())
+        digest.update(np.ascontiguousarray(self.labels).tobytes())
+        return digest.hexdigest()[:16]
 
     def torch_dataset(self, transform: Callable[[Tensor], Tensor] | None = None) -> TensorImages:
         """A torch ``Dataset`` yielding (float image in [0, 1] of shape (C, H, W), label)."""
         return TensorImages(self, transform)
+
+
+def balanced_index(labels: np.ndarray, count: int) -> np.ndarray:
+    """Sorted positions of ``count`` items taken from the classes in turn, each class in file order."""
+    position = np.arange(len(labels))
+    rank = np.empty(len(labels), dtype=np.int64)  # how many earlier items share the label
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        rank[members] = np.arange(len(members))
+    return np.sort(np.lexsort((position, rank))[:count])
 
 
 class TensorImages(Dataset):

@@ -52,7 +52,7 @@ class Detector:
 
     def fit(self, train: ModelOutputs, model: nn.Module | None = None) -> Detector:
         """Learn from ID training outputs (and the model, for detectors that reuse its head)."""
-        self.model_ = model
+        self.model_ = model if model is None or hasattr(model, "head") else _wrapped_if_possible(model)
         self._fit(train)
         self.fitted_ = True
         return self
@@ -74,11 +74,38 @@ class Detector:
         raise NotImplementedError
 
     def score(self, model: nn.Module, x: Tensor) -> Tensor:
-        """Scores of a batch of inputs ``x`` under ``model``, shape (N,)."""
+        """Scores of a batch of inputs ``x`` under ``model`` (any classifier), shape (N,)."""
         with torch.no_grad():
-            features = model.features(x)
-            logits = model.head(features)
-        return self.score_outputs(ModelOutputs(logits, features))
+            features, logits = features_and_logits(model, x)
+        return self.score_outputs(ModelOutputs(logits, features.flatten(1)))
+
+
+def classifier_view(model: nn.Module) -> nn.Module:
+    """``model`` if it has oodforge's classifier interface (``features_and_logits``, or ``features`` and
+    ``head``), else ``wrap_model(model)``."""
+    if callable(getattr(model, "features_and_logits", None)) or (
+            callable(getattr(model, "features", None)) and isinstance(getattr(model, "head", None), nn.Module)):
+        return model
+    from oodforge.models.adapters import wrap_model
+
+    return wrap_model(model)
+
+
+def _wrapped_if_possible(model: nn.Module) -> nn.Module:
+    """A plain network's wrapper (so detectors find its final layer as ``.head``), else ``model`` itself."""
+    try:
+        return classifier_view(model)
+    except ValueError:  # no final linear layer: detectors that need one say so themselves
+        return model
+
+
+def features_and_logits(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(penultimate features, logits) of any classifier on a batch, from one forward pass."""
+    model = classifier_view(model)
+    if callable(getattr(model, "features_and_logits", None)):
+        return model.features_and_logits(x)
+    features = model.features(x)
+    return features, model.head(features)
 
 
 DETECTORS: Registry[Detector] = Registry("detector")

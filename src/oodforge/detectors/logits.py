@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
+from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs, classifier_view
 from oodforge.scores import energy_score
 
 
@@ -51,6 +51,7 @@ class ODIN(Detector):
         self.epsilon = epsilon
 
     def score(self, model: nn.Module, x: Tensor) -> Tensor:
+        model = classifier_view(model)
         x = x.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             logits = model.logits(x) / self.temperature

@@ -48,6 +48,20 @@ class Classifier(nn.Module):
         """Test-time logits f(x), shape (N, C)."""
         return self.head(self.features(x))
 
+    def features_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(features, test-time logits) from one forward pass."""
+        features = self.features(x)
+        return features, self.head(features)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes the head predicts."""
+        return self.config.num_classes
+
+    def describe(self) -> dict:
+        """The model block of results.json: its config."""
+        return asdict(self.config)
+
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         """Logits; with ``labels`` during training, margin heads apply their margins."""
         return self.head(self.features(x), labels)

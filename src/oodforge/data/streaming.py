@@ -1,0 +1,169 @@
+"""``FileImageSet``: images listed as files of a folder or archive, decoded and resized lazily.
+
+Each image is read, decoded and brought to the target shape inside ``__getitem__``, so DataLoader
+workers do the work and memory holds only the batches in flight. Zip archives are read in place;
+tar archives (``.tar``, ``.tar.gz``) have no random access, so they are unpacked once into the cache
+(on disk, never into memory) and streamed from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import zipfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from oodforge.data.imageset import balanced_index
+
+RESIZE_MODES = ("stretch", "shorter_crop")
+
+
+@dataclass
+class FileImageSet:
+    """Image files (folder or zip) with labels; ``image_shape`` (H, W, C) is what ``__getitem__`` returns."""
+
+    name: str
+    source: Path  # a folder, or a .zip archive
+    members: list[str]  # paths relative to ``source``
+    labels: np.ndarray
+    classes: list[str] = field(default_factory=list)
+    image_shape: tuple[int, int, int] | None = None  # None: keep each file's own size (batching needs equal sizes)
+    resize: str = "stretch"
+    stamp: str = ""  # identifies the source's content (sizes and mtimes), for cache keys
+
+    def __post_init__(self) -> None:
+        if len(self.members) != len(self.labels):
+            raise ValueError(f"{self.name}: {len(self.members)} files but {len(self.labels)} labels")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"{self.name}: resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def reshaped(self, shape: tuple[int, int, int], resize: str = "stretch") -> FileImageSet:
+        """The same files, delivered as ``shape`` = (H, W, C)."""
+        return replace(self, image_shape=tuple(shape), resize=resize)
+
+    def subset(self, index: np.ndarray, name: str | None = None) -> FileImageSet:
+        """The files at ``index`` (positions or boolean mask)."""
+        positions = np.arange(len(self))[index]
+        return replace(self, name=name or self.name, members=[self.members[i] for i in positions],
+                       labels=self.labels[positions])
+
+    def balanced_head(self, count: int, name: str | None = None) -> FileImageSet:
+        """``count`` files taken from the classes in turn (see ``ImageSet.balanced_head``)."""
+        return self.subset(balanced_index(self.labels, count), name)
+
+    def fingerprint(self) -> str:
+        """A short hash of the source, the chosen files, their labels and the delivered shape."""
+        digest = hashlib.sha256(f"{self.name}|{self.source.resolve()}|{self.stamp}|{self.image_shape}|"
+                                f"{self.resize}".encode())
+        digest.update("\n".join(self.members).encode())
+        digest.update(np.ascontiguousarray(self.labels).tobytes())
+        return digest.hexdigest()[:16]
+
+    def torch_dataset(self, transform=None) -> StreamingImages:
+        """A torch ``Dataset`` yielding (float image in [0, 1] of shape (C, H, W), label)."""
+        return StreamingImages(self, transform)
+
+    def load(self, index: int) -> np.ndarray:
+        """Image ``index`` as uint8 (H, W, C) in the delivered shape."""
+        from oodforge.data.datasets import decode_image
+
+        member = self.members[index]
+        array = decode_image(self._read(member), f"{self.source}:{member}" if self.is_zip else
+                             str(self.source / member))
+        return array if self.image_shape is None else fit_shape(array, self.image_shape, self.resize)
+
+    @property
+    def is_zip(self) -> bool:
+        """Whether the files are members of a zip archive."""
+        return self.source.is_file()
+
+    def _read(self, member: str) -> bytes:
+        if not self.is_zip:
+            return (self.source / member).read_bytes()
+        return _zip_handle(self.source).read(member)
+
+
+_ZIP_HANDLES: dict[tuple[int, str], zipfile.ZipFile] = {}
+
+
+def _zip_handle(path: Path) -> zipfile.ZipFile:
+    """One open ``ZipFile`` per process (DataLoader workers each open their own)."""
+    key = (os.getpid(), str(path))
+    if key not in _ZIP_HANDLES:
+        _ZIP_HANDLES[key] = zipfile.ZipFile(path)
+    return _ZIP_HANDLES[key]
+
+
+class StreamingImages(Dataset):
+    """Torch view of a ``FileImageSet``; ``transform`` acts on the (C, H, W) float tensor."""
+
+    def __init__(self, images: FileImageSet, transform=None) -> None:
+        self.images = images
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image = torch.from_numpy(self.images.load(index)).permute(2, 0, 1).float().div_(255.0)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.images.labels[index])
+
+
+def fit_shape(array: np.ndarray, shape: tuple[int, int, int], resize: str = "stretch") -> np.ndarray:
+    """Convert uint8 (H, W, C) to ``shape``: channels (gray <-> RGB), then resize (antialiased).
+
+    ``stretch`` resizes to (H, W) directly; ``shorter_crop`` resizes the shorter side to H and
+    centre-crops H x W (torchvision's ``Resize(H)`` + ``CenterCrop``).
+    """
+    height, width, channels = shape
+    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    image = image.convert("RGB" if channels == 3 else "L")
+    if image.size != (width, height):
+        if resize == "stretch":
+            image = image.resize((width, height), Image.BILINEAR, reducing_gap=None)
+        else:
+            w, h = image.size
+            scale = height / min(w, h)
+            size = (max(width, round(w * scale)), max(height, round(h * scale)))
+            image = image.resize(size, Image.BILINEAR)
+            left, top = (size[0] - width) // 2, (size[1] - height) // 2
+            image = image.crop((left, top, left + width, top + height))
+    out = np.asarray(image)
+    return out[:, :, None] if out.ndim == 2 else out
+
+
+def unpack_tar(archive: Path, cache: Path) -> Path:
+    """Unpack a tar(.gz) archive once into ``cache`` (atomically, by renaming a finished folder)."""
+    stat = archive.stat()
+    key = hashlib.sha256(f"{archive.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache / "unpacked" / f"{archive.name}-{key}"
+    if target.is_dir():
+        return target
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            tar.extractall(partial, filter="data")
+        os.replace(partial, target)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        if not target.is_dir():  # else another process finished first
+            from oodforge.data.datasets import CorruptImageError
+
+            raise CorruptImageError(f"cannot read archive {archive}: {exc}") from exc
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
