@@ -43,6 +43,13 @@ def resolve_paths(options: dict, out: Path, seed: int) -> dict:
     return resolved
 
 
+def benchmark_reference(name: str, config_path: Path) -> str:
+    """A benchmark name, or a YAML benchmark file taken relative to the bench config's folder."""
+    if name.endswith((".yaml", ".yml")) and not Path(name).is_absolute():
+        return str(config_path.parent / name)
+    return name
+
+
 def load_bench_config(path: Path) -> dict:
     """Read and validate a bench YAML file; errors name the file and the bad key."""
     if not path.is_file():
@@ -79,14 +86,15 @@ def run_bench(config_path: Path, out: Path, quiet: bool = False, only: list[str]
         if unknown:
             raise ValueError(f"{config_path}: no runs named {unknown}; the runs are {names}")
         config = {**config, "runs": [run for run in config["runs"] if run["name"] in only]}
-    benchmark = get_benchmark(config.get("benchmark", "fashion_mnist"))
+    reference = benchmark_reference(config.get("benchmark", "fashion_mnist"), config_path)
+    benchmark = get_benchmark(reference)
     detectors = parse_detector_spec(config.get("detectors", "msp,maxlogit,energy"))
     evaluations = {}
     for run in config["runs"]:
         for seed in run.get("seeds", config.get("seeds", [0])):
             own = {k: v for k, v in run.items() if k not in ("name", "seeds")}
             options = resolve_paths({**config.get("defaults", {}), **own}, out, seed)
-            recipe = TrainConfig(**{"benchmark": benchmark.name, **options, "seed": seed})
+            recipe = TrainConfig(**{"benchmark": reference, **options, "seed": seed})
             method = f"{run['name']}-seed{seed}"
             run_dir = out / run["name"] / f"seed{seed}"
             tic = time.perf_counter()

@@ -31,6 +31,8 @@ def _fail_cleanly(command: Callable) -> Callable:
         except (DatasetNotFoundError, CorruptImageError, CheckpointError, FileNotFoundError, KeyError,
                 ValueError, FloatingPointError) as exc:
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            if message.startswith("Caught "):  # raised in a DataLoader worker: keep the original message
+                message = message.strip().splitlines()[-1].split(": ", 1)[-1]
             console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
@@ -147,9 +149,12 @@ def train(benchmark: str = typer.Option("fashion_mnist", help="Benchmark whose I
 
 @app.command()
 @_fail_cleanly
-def score(benchmark: str = typer.Option(..., help="Benchmark to score on."),
-          model: str = typer.Option(..., help="An oodforge checkpoint, or a backbone name used with --weights."),
-          weights: Path | None = typer.Option(None, help="External weights for --model (e.g. resnet20-*.th)."),
+def score(benchmark: str = typer.Option(..., help="Benchmark: a registered name or a YAML file (see README)."),
+          model: str = typer.Option(..., help="An oodforge checkpoint; a backbone name with --weights; "
+                                             "torchvision:NAME, timm:NAME or module:pkg.mod:factory."),
+          weights: Path | None = typer.Option(None, help="Weights (state dict) for --model, e.g. resnet20-*.th."),
+          model_head: str | None = typer.Option(None, help="Dotted name of the final linear layer of a "
+                                                "torchvision:/timm:/module: network, when not found by itself."),
           detectors: str = typer.Option(DEFAULT_DETECTORS, help="Comma-separated detectors, or 'all'."),
           out: Path = typer.Option(Path("runs/score"), help="Output folder."),
           batch_size: int = typer.Option(500), cache: bool = typer.Option(True, help="Reuse cached outputs."),
@@ -158,20 +163,12 @@ def score(benchmark: str = typer.Option(..., help="Benchmark to score on."),
           quiet: bool = typer.Option(False, "--quiet")) -> None:
     """Score a trained or pretrained classifier with post-hoc detectors on a benchmark."""
     from oodforge.data.benchmarks import get_benchmark
-    from oodforge.models.classifier import ModelConfig, load_classifier
-    from oodforge.train import pretrained_config
+    from oodforge.evaluate import parse_detector_spec
+    from oodforge.model_loading import load_model
 
+    parse_detector_spec(detectors)
     bench = get_benchmark(benchmark)
-    if Path(model).is_file():
-        classifier, checkpoint = load_classifier(model), model
-    else:
-        if weights is None:
-            raise ValueError(f"--model {model!r} is not a checkpoint file; give its --weights too")
-        from oodforge.data.datasets import load_dataset
-
-        base = ModelConfig(backbone=model, num_classes=len(load_dataset(bench.id_dataset, "test").classes),
-                           in_channels=bench.image_shape[2], mean=bench.mean, std=bench.std)
-        classifier, checkpoint = load_classifier(weights, pretrained_config(base, weights)), str(weights)
+    classifier, checkpoint = load_model(model, weights, bench, head=model_head)
     _evaluate_and_save(classifier, bench, detectors, out, {}, checkpoint, batch_size, quiet, cache,
                        detector_dir=detector_dir)
 

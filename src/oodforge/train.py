@@ -17,11 +17,11 @@ from lightning_fabric import Fabric
 from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader
 
-from oodforge.data.benchmarks import Benchmark, adapt_images, get_benchmark
+from oodforge.data.benchmarks import Benchmark, adapt, get_benchmark
 from oodforge.data.datasets import load_dataset, overlaps
 from oodforge.data.imageset import ImageSet
 from oodforge.data.sampling import MixedBatchSampler
-from oodforge.features import OutputCache
+from oodforge.features import OutputCache, loader_workers
 from oodforge.io import atomic_json, atomic_torch_save
 from oodforge.losses import LOSSES, LossInputs, create_loss
 from oodforge.losses.outlier_exposure import uniform_cross_entropy
@@ -74,7 +74,7 @@ def make_model(config: TrainConfig, benchmark: Benchmark) -> Classifier:
     """The classifier a recipe trains: fresh, or loaded from ``config.init``."""
     height, width, channels = benchmark.image_shape
     model_config = ModelConfig(backbone=config.backbone or benchmark.default_backbone, head=config.head,
-                               num_classes=len(benchmark.id_set("test").classes), in_channels=channels,
+                               num_classes=benchmark.num_classes(), in_channels=channels,
                                mean=benchmark.mean, std=benchmark.std, head_options=dict(config.head_options))
     if not config.init:
         return build_classifier(model_config)
@@ -159,13 +159,13 @@ def training_data(config: TrainConfig, benchmark: Benchmark) -> tuple[ImageSet, 
     real = benchmark.id_set("train")
     if config.train_subset:
         real = real.balanced_head(config.train_subset)
-    synthetic = adapt_images(load_dataset(config.synthetic_id, "train"), benchmark.image_shape) \
+    synthetic = adapt(load_dataset(config.synthetic_id, "train"), benchmark.image_shape, benchmark.resize) \
         if config.synthetic_id else None
     outliers = None
     if config.outliers:
         check_outlier_source(benchmark, config.outliers)
-        outliers = adapt_images(load_dataset(config.outliers, "train", image_shape=benchmark.image_shape),
-                                benchmark.image_shape)
+        outliers = adapt(load_dataset(config.outliers, "train", image_shape=benchmark.image_shape),
+                         benchmark.image_shape, benchmark.resize)
     return real, synthetic, outliers
 
 
@@ -205,7 +205,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, quiet: 
     datasets = [real.torch_dataset(transform)] + ([synthetic.torch_dataset(transform)] if synthetic else [])
     sampler = MixedBatchSampler(len(real), config.batch_size, len(synthetic) if synthetic else 0,
                                 config.real_ratio, config.seed, fabric.global_rank, fabric.world_size)
-    loader = DataLoader(ConcatDataset(datasets), batch_sampler=sampler)
+    loader = DataLoader(ConcatDataset(datasets), batch_sampler=sampler, num_workers=loader_workers(real))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * len(sampler))
     history: list[dict] = []
     start_epoch = 0
@@ -226,6 +226,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, quiet: 
     if outliers is not None:
         generator = torch.Generator().manual_seed(config.seed + 1)
         outlier_loader = DataLoader(outliers.torch_dataset(transform), shuffle=True, drop_last=True,
+                                    num_workers=loader_workers(outliers),
                                     batch_size=min(config.outlier_batch_size or config.batch_size, len(outliers)),
                                     generator=generator)
         outlier_batches = _cycle(outlier_loader)

@@ -166,6 +166,8 @@ def _detect_head(net: nn.Module) -> str:
             return candidate
         if isinstance(module, nn.Sequential) and len(module) and isinstance(module[-1], nn.Linear):
             return f"{candidate}.{list(module._modules)[-1]}"
+    if isinstance(net, nn.Sequential) and len(net) and isinstance(net[-1], nn.Linear):
+        return list(net._modules)[-1]
     raise ValueError(
         f"cannot find the final linear layer of {type(net).__name__}; pass head='dotted.name'; {_linear_names(net)}"
     )

@@ -1,0 +1,62 @@
+"""Turn a ``--model`` value (checkpoint, backbone + weights, torchvision:/timm:/module: spec) into a
+classifier, checked against the benchmark it will be scored on before any forward pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from oodforge.data.benchmarks import Benchmark
+from oodforge.models.adapters import build_model, wrap_model
+from oodforge.models.backbones import BACKBONES
+from oodforge.models.classifier import ModelConfig, load_classifier
+
+SPEC_PREFIXES = ("torchvision:", "timm:", "module:")
+CIFAR_RESNETS = ("resnet20", "resnet32", "resnet44", "resnet56")
+
+
+def load_model(spec: str, weights: str | Path | None, benchmark: Benchmark, head: str | None = None
+               ) -> tuple[nn.Module, str | None]:
+    """(classifier, checkpoint path) for ``--model spec [--weights FILE]``, with the class count checked.
+
+    ``spec`` is an oodforge checkpoint file, a registered backbone (needs ``weights``),
+    ``torchvision:NAME`` or ``timm:NAME`` (weights optional: random init without), or
+    ``module:pkg.mod:factory``. Networks from specs see inputs normalized with the benchmark's mean/std;
+    ``head`` names their final linear layer when it is not found by itself.
+    """
+    if Path(spec).is_file():
+        model, checkpoint = load_classifier(spec), spec
+    elif spec.startswith(SPEC_PREFIXES):
+        net = build_model(spec, weights, num_classes=benchmark.num_classes())
+        model = wrap_model(net, head=head, mean=benchmark.mean, std=benchmark.std)
+        checkpoint = None if weights is None else str(weights)
+    elif spec in BACKBONES:
+        if weights is None:
+            raise ValueError(f"--model {spec!r} is a backbone name; give its --weights too")
+        model, checkpoint = load_classifier(weights, external_config(spec, weights, benchmark)), str(weights)
+    else:
+        raise ValueError(f"--model {spec!r} is neither a checkpoint file, a backbone ({', '.join(BACKBONES.names())})"
+                         f" nor a spec ({', '.join(p + '...' for p in SPEC_PREFIXES)})")
+    check_model_fits(model, benchmark)
+    return model, checkpoint
+
+
+def external_config(backbone: str, weights: str | Path, benchmark: Benchmark) -> ModelConfig:
+    """The config to load external ``weights`` into ``backbone``; the public CIFAR ResNet checkpoints
+    (``resnet20-*.th`` ...) use ImageNet statistics, and their file name must agree with ``backbone``."""
+    name = Path(weights).name
+    arch = next((a for a in CIFAR_RESNETS if name.startswith(a + "-")), None)
+    if arch is not None and arch != backbone:
+        raise ValueError(f"--model {backbone} contradicts --weights {name}, a {arch} checkpoint")
+    mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if arch else (benchmark.mean, benchmark.std)
+    return ModelConfig(backbone=backbone, num_classes=benchmark.num_classes(), in_channels=benchmark.image_shape[2],
+                       mean=mean, std=std)
+
+
+def check_model_fits(model: nn.Module, benchmark: Benchmark) -> None:
+    """Refuse a model whose class count differs from the benchmark's."""
+    classes = getattr(model, "num_classes", None)
+    expected = benchmark.num_classes()
+    if classes is not None and classes != expected:
+        raise ValueError(f"the model predicts {classes} classes but benchmark {benchmark.name!r} has {expected}")
