@@ -377,3 +377,18 @@ def test_bad_class_count(leaves, tmp_path, monkeypatch) -> None:
     spec = factory_module(tmp_path, monkeypatch, classes=5)
     line = _error(_score(leaves, tmp_path, "--model", spec))
     assert "5 classes" in line and "3" in line
+
+
+def test_in_memory_and_streamed_folders_give_the_same_pixels_at_a_target_shape(tmp_path) -> None:
+    """Mixed sizes and modes, fitted to one shape: decoded-into-memory and streamed sets agree exactly."""
+    rng = np.random.default_rng(4)
+    (tmp_path / "mixed" / "c").mkdir(parents=True)
+    for i, (h, w) in enumerate([(40, 60), (64, 32), (20, 20)]):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / "mixed" / "c" / f"{i}.png")
+    Image.fromarray(rng.integers(0, 255, (30, 30), dtype=np.uint8), "L").save(tmp_path / "mixed" / "c" / "3.png")
+    for resize in ("stretch", "shorter_crop"):
+        kwargs = {"image_shape": (16, 16, 3), "resize": resize}
+        memory = load_dataset(f"folder:{tmp_path / 'mixed'}", streaming="never", **kwargs)
+        streamed = load_dataset(f"folder:{tmp_path / 'mixed'}", streaming="always", **kwargs)
+        assert memory.images.shape == (4, 16, 16, 3)
+        assert np.array_equal(np.stack([streamed.load(i) for i in range(4)]), memory.images)

@@ -48,7 +48,8 @@ class Benchmark:
 
     def id_set(self, split: str, root: str | Path | None = None) -> Images:
         """The ID train or test split, in the benchmark's image shape and class order."""
-        images = load_dataset(self.spec(f"id:{split}"), split, root, streaming=self.streaming)
+        images = load_dataset(self.spec(f"id:{split}"), split, root, image_shape=self.image_shape,
+                              streaming=self.streaming, resize=self.resize)
         images = adapt(images, self.image_shape, self.resize)
         if self.path is None:
             return images
@@ -60,7 +61,8 @@ class Benchmark:
         """An OOD test set in the ID image size and channels."""
         if name not in self.ood:
             raise KeyError(f"{name!r} is not an OOD set of benchmark {self.name!r}; its sets: {sorted(self.ood)}")
-        images = load_dataset(self.spec(name), "test", root, image_shape=self.image_shape, streaming=self.streaming)
+        images = load_dataset(self.spec(name), "test", root, image_shape=self.image_shape, streaming=self.streaming,
+                              resize=self.resize)
         return adapt(images, self.image_shape, self.resize)
 
     def num_classes(self, root: str | Path | None = None) -> int:

@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from oodforge.data.imageset import ImageSet
-from oodforge.data.streaming import FileImageSet, unpack_tar
+from oodforge.data.streaming import FileImageSet, fit_shape, unpack_tar
 from oodforge.io import atomic_json, atomic_npy
 from oodforge.registry import Registry
 
@@ -60,19 +60,23 @@ STREAM_COUNT = 100_000  # ... or that hold more images than this
 
 
 def load_dataset(spec: str, split: str = "test", root: str | Path | None = None,
-                 image_shape: tuple[int, int, int] | None = None, streaming: str = "auto") -> ImageSet | FileImageSet:
+                 image_shape: tuple[int, int, int] | None = None, streaming: str = "auto",
+                 resize: str = "stretch") -> ImageSet | FileImageSet:
     """Load a registered dataset, ``folder:<dir or .tar.gz/.zip[/inner/dir]>`` or ``synthetic:<dir>``.
 
-    ``image_shape`` (H, W, C) is used by generated sets (noise) to match the ID images. Folder specs
-    are decoded into memory, or streamed from disk (``FileImageSet``) when ``streaming`` is
-    ``always``, or ``auto`` and the images are many or large (``STREAM_BYTES``, ``STREAM_COUNT``).
+    ``image_shape`` (H, W, C) is used by generated sets (noise) to match the ID images, and by folder
+    specs, whose images are brought to it (``resize``: ``stretch`` or ``shorter_crop``) one by one as
+    they are decoded. Folder specs are decoded into memory, or streamed from disk (``FileImageSet``)
+    when ``streaming`` is ``always``, or ``auto`` and the images are many or large (``STREAM_BYTES``,
+    ``STREAM_COUNT``).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if streaming not in STREAMING_MODES:
         raise ValueError(f"streaming must be one of {STREAMING_MODES}, got {streaming!r}")
     if spec.startswith("folder:"):
-        return image_folder(Path(spec.split(":", 1)[1]).expanduser(), name=spec, streaming=streaming)
+        return image_folder(Path(spec.split(":", 1)[1]).expanduser(), name=spec, streaming=streaming,
+                            shape=image_shape, resize=resize)
     if spec.startswith("synthetic:"):
         from oodforge.data.synthetic import load_synthetic
 
@@ -194,18 +198,21 @@ def _source_stamp(source: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def image_folder(path: Path, name: str | None = None, prefix: str = "", streaming: str = "never"
-                 ) -> ImageSet | FileImageSet:
+def image_folder(path: Path, name: str | None = None, prefix: str = "", streaming: str = "never",
+                 shape: tuple[int, int, int] | None = None, resize: str = "stretch") -> ImageSet | FileImageSet:
     """Read ``<class>/<image>`` folders (or a .tar.gz/.zip of them); labels follow sorted class names.
 
     As torchvision's ImageFolder, the class is the first folder below the top; images directly at
     the top are unlabelled (-1). ``path`` may continue inside an archive
-    (``data.tar.gz/top/test``), and ``prefix`` keeps only members under that path.
+    (``data.tar.gz/top/test``), and ``prefix`` keeps only members under that path. With ``shape``,
+    each image is brought to it as it is decoded (as the streamed set does), so memory holds only
+    images of that shape; without, images of differing sizes are centre-cropped to a common square.
     """
     name = name or path.name
     path, prefix = locate(path, prefix, name)
     if streaming == "always" or (streaming == "auto" and _is_large(path, prefix)):
-        return streaming_folder(path, prefix, name)
+        images = streaming_folder(path, prefix, name)
+        return images if shape is None else images.reshaped(shape, resize)
 
     def build() -> tuple[np.ndarray, np.ndarray, list[str]]:
         files = [(m, d) for m, d in iter_images(path) if m.startswith(prefix)]
@@ -213,10 +220,13 @@ def image_folder(path: Path, name: str | None = None, prefix: str = "", streamin
             raise DatasetNotFoundError(name, path, f"no image files under {prefix or 'its top level'}",
                                        hint=False)
         arrays = [decode_image(data, f"{path}:{member}") for member, data in files]
+        if shape is not None:
+            arrays = [fit_shape(array, shape, resize) for array in arrays]
         labels, classes = folder_labels([member[len(prefix):] for member, _ in files])
         return stack_uniform(arrays), labels, classes
 
-    images, labels, classes = cached_arrays(f"folder-{_slug(path)}-{_slug_text(prefix)}", path, build)
+    fitted = "" if shape is None else f"-{'x'.join(map(str, shape))}-{resize}"
+    images, labels, classes = cached_arrays(f"folder-{_slug(path)}-{_slug_text(prefix)}{fitted}", path, build)
     return ImageSet(name, images, labels, classes)
 
 
