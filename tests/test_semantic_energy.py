@@ -103,4 +103,4 @@ def test_errors():
     with pytest.raises(ValueError, match="dimension"):
         Representation().fit(TRAIN, ModelWithCentres(torch.ones(2, 5)))
     with pytest.raises(ValueError, match="temperature"):
-        SemanticEnergy(temperature=0.0)
+        SemanticEnergy(temperature=0.0).fit(TRAIN)

@@ -27,10 +27,11 @@ from oodforge.evaluate import evaluate, parse_detector_spec
 from oodforge.features import OutputCache
 from oodforge.io import atomic_json, atomic_write
 from oodforge.runs import print_results, run_payload, save_run
-from oodforge.train import MODEL_CHECKPOINT, TrainConfig, copy_sample_grids, train
+from oodforge.train import MODEL_CHECKPOINT, TrainConfig, copy_sample_grids, train, with_recipe_detectors
 
 CONFIG_KEYS = {"benchmark", "detectors", "seeds", "defaults", "runs", "description"}
 PATH_KEYS = ("init", "outliers", "synthetic_id")
+DEFAULT_DETECTORS = "msp,maxlogit,energy"
 
 
 def resolve_paths(options: dict, out: Path, seed: int) -> dict:
@@ -88,7 +89,7 @@ def run_bench(config_path: Path, out: Path, quiet: bool = False, only: list[str]
         config = {**config, "runs": [run for run in config["runs"] if run["name"] in only]}
     reference = benchmark_reference(config.get("benchmark", "fashion_mnist"), config_path)
     benchmark = get_benchmark(reference)
-    detectors = parse_detector_spec(config.get("detectors", "msp,maxlogit,energy"))
+    parse_detector_spec(config.get("detectors", DEFAULT_DETECTORS))  # fail before any training
     evaluations = {}
     for run in config["runs"]:
         for seed in run.get("seeds", config.get("seeds", [0])):
@@ -101,7 +102,8 @@ def run_bench(config_path: Path, out: Path, quiet: bool = False, only: list[str]
             model = train(recipe, run_dir, resume=True, quiet=quiet)
             train_s = time.perf_counter() - tic
             copy_sample_grids(recipe, out, prefix=f"{run['name']}-")  # the bench report shows them too
-            evaluation = evaluate(model, benchmark, detectors, method=method, cache=OutputCache(), quiet=quiet,
+            own = parse_detector_spec(with_recipe_detectors(config.get("detectors", DEFAULT_DETECTORS), recipe))
+            evaluation = evaluate(model, benchmark, own, method=method, cache=OutputCache(), quiet=quiet,
                                   train_subset=recipe.train_subset)
             evaluation.timings["train_s"] = train_s
             info = {**asdict(recipe), "history": model.history, "run": run["name"]}

@@ -58,7 +58,7 @@ def _evaluate_and_save(model, benchmark, detectors: str, out: Path, train_info: 
     from oodforge.runs import print_results, run_payload, save_run
 
     spec = parse_detector_spec(detectors)
-    fitted = load_fitted_detectors(detector_dir, list(spec)) if detector_dir else {}
+    fitted = load_fitted_detectors(detector_dir, spec) if detector_dir else {}
     if fitted:
         console.print(f"reusing fitted detectors from {detector_dir}: {', '.join(fitted)}")
     evaluation = evaluate(model, benchmark, spec, method=method, device=_device(), batch_size=batch_size,
@@ -73,9 +73,9 @@ def _evaluate_and_save(model, benchmark, detectors: str, out: Path, train_info: 
 
 
 def _save_detectors(evaluation, out: Path) -> None:
-    """Detectors with learned state worth keeping (the flow) are saved beside the run."""
+    """Detectors whose learned state is costly to rebuild (the flow) are saved beside the run."""
     for name, detector in evaluation.detectors.items():
-        if hasattr(detector, "save"):
+        if getattr(detector, "save_with_run", False):
             detector.save(out / "detectors" / f"{name}.pt")
 
 
@@ -129,10 +129,9 @@ def train(benchmark: str = typer.Option("fashion_mnist", help="Benchmark whose I
     """Train a classifier (any backbone, head, loss, data mix), then score it on its benchmark."""
     from oodforge.data.benchmarks import get_benchmark
     from oodforge.evaluate import parse_detector_spec
-    from oodforge.train import MODEL_CHECKPOINT, TrainConfig
+    from oodforge.train import MODEL_CHECKPOINT, TrainConfig, with_recipe_detectors
     from oodforge.train import train as run_training
 
-    parse_detector_spec(detectors)  # fail on a bad name before training
     config = TrainConfig(benchmark=benchmark, backbone=backbone, head=head,
                          head_options=_options(head_option, "head option"),
                          loss=loss, loss_options=_options(loss_option, "loss option"), epochs=epochs,
@@ -141,6 +140,8 @@ def train(benchmark: str = typer.Option("fashion_mnist", help="Benchmark whose I
                          synthetic_id=synthetic_id, real_ratio=real_ratio, train_subset=train_subset,
                          accelerator=accelerator, devices=int(devices) if devices.isdigit() else devices,
                          num_nodes=num_nodes, strategy=strategy, precision=precision)
+    detectors = with_recipe_detectors(detectors, config)
+    parse_detector_spec(detectors)  # fail on a bad name or option before training
     bench = get_benchmark(benchmark)
     model = run_training(config, out, resume=resume, quiet=quiet)
     _evaluate_and_save(model, bench, detectors, out, {**asdict(config), "history": model.history},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from oodforge.data.benchmarks import Benchmark
 from oodforge.detectors import DETECTORS, Detector, ModelOutputs, create_detector
+from oodforge.detectors.base import registered_name
 from oodforge.diagnostics import tolerance, uniformity
 from oodforge.features import (
     Data,
@@ -33,29 +35,57 @@ from oodforge.results import OODResults
 
 
 def parse_detector_spec(spec: str) -> dict[str, dict]:
-    """``"msp,energy:temperature=2,knn:k=10;use_faiss=true"`` or ``"all"`` -> {name: options} (YAML values)."""
-    detectors: dict[str, dict] = {}
+    """``"msp,energy:temperature=2,knn:k=10;use_faiss=true"`` or ``"all"`` -> {label: options} (YAML values).
+
+    Every detector is built once here, so an unknown name or option, a wrong type or a value out of
+    range fails before any work. A name given twice with different options gives named variants,
+    ``knn:k=10,knn:k=50`` -> labels ``knn[k=10]`` and ``knn[k=50]``, whose options carry
+    ``detector: knn``; ``all`` adds every registered detector with its defaults.
+    """
+    items: list[tuple[str, dict, bool]] = []  # (name, options, came from "all")
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, _, rest = item.partition(":")
         if name == "all":
-            detectors.update({n: {} for n in DETECTORS.names() if n not in detectors})
+            items.extend((n, {}, True) for n in DETECTORS.names())
             continue
-        DETECTORS.get(name)  # fails early with the list of known names
         options = {}
         for pair in filter(None, rest.split(";")):
             key, sep, value = pair.partition("=")
             if not sep:
                 raise ValueError(f"detector option {pair!r} of {name!r} must look like key=value")
             options[key] = yaml.safe_load(value)
-        detectors[name] = options
+        create_detector(name, **options)
+        items.append((name, options, False))
+    explicit = Counter(name for name, _, from_all in items if not from_all)
+    detectors: dict[str, dict] = {}
+    for name, options, from_all in items:
+        if from_all and explicit[name]:
+            continue  # an explicit entry replaces the default that "all" adds
+        if explicit[name] > 1 and options:
+            detectors[f"{name}[{_options_text(options)}]"] = {"detector": name, **options}
+        else:
+            detectors[name] = options
     if not detectors:
         raise ValueError("no detector named")
     return detectors
 
 
-def applicable(name: str, model: torch.nn.Module) -> bool:
-    """Whether detector ``name`` can run on ``model`` (``cosine`` needs a cosine head)."""
-    return name != "cosine" or hasattr(model.head, "cosine")
+def _options_text(options: dict) -> str:
+    return ";".join(f"{k}={v}" for k, v in options.items())
+
+
+def build_detector(label: str, options: dict) -> Detector:
+    """The detector behind one entry of a parsed spec (``options["detector"]`` names it for variants)."""
+    options = dict(options)
+    return create_detector(options.pop("detector", label), **options)
+
+
+def detector_record(detector: Detector) -> dict:
+    """What results.json says of a detector: its registered name, parameters and what it reads."""
+    params = {k: v if isinstance(v, bool | int | float | str | type(None)) else repr(v)
+              for k, v in detector.get_params().items()}
+    return {"detector": registered_name(detector) or type(detector).__name__, "params": params,
+            "requires": list(detector.requires)}
 
 
 @dataclass
@@ -68,6 +98,10 @@ class Evaluation:
     diagnostics: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     detectors: dict[str, Detector] = field(default_factory=dict)
+
+    def detector_records(self) -> dict[str, dict]:
+        """{label: name, parameters and needs} of every detector scored, for results.json."""
+        return {label: detector_record(d) for label, d in self.detectors.items()}
 
 
 def input_scores(detector: Detector, model: torch.nn.Module, loader: DataLoader, device: torch.device | str
@@ -128,8 +162,12 @@ def score_sets(model: torch.nn.Module, detectors: dict[str, dict], outputs: dict
     from ``loaders``; ``train_outputs`` is called only when some detector must be fitted.
     """
     fitted = fitted or {}
-    names = [n for n in detectors if applicable(n, model)]
-    built = {n: fitted.get(n) or create_detector(n, **detectors[n]) for n in names}
+    candidates = {n: fitted.get(n) or build_detector(n, detectors[n]) for n in detectors}
+    built = {n: d for n, d in candidates.items() if d.supports(model)}
+    names = list(built)
+    for name in fitted:
+        if name in built and getattr(built[name], "model_", None) is None:
+            built[name].model_ = model
     train = train_outputs() if any(d.needs_fit and n not in fitted for n, d in built.items()) else None
     timings = {**(timings or {})}
     evaluation = Evaluation(id_accuracy(outputs[id_name]), diagnostics=feature_diagnostics(outputs[id_name]),
@@ -185,14 +223,15 @@ def mean_auroc(results: list[dict], detector: str, group: str, method: str | Non
     return float(np.mean(values)) if values else float("nan")
 
 
-def load_fitted_detectors(folder: Path, names: list[str]) -> dict[str, Detector]:
-    """Detectors saved by an earlier run (``<folder>/<name>.pt``, e.g. the flow) that can be reloaded."""
+def load_fitted_detectors(folder: Path, detectors: dict[str, dict]) -> dict[str, Detector]:
+    """Detectors saved by an earlier run (``<folder>/<label>.pt``, e.g. the flow), reloaded."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--detector-dir {folder} is not a folder")
     fitted = {}
-    for name in names:
-        path = folder / f"{name}.pt"
-        loader = getattr(DETECTORS.get(name), "load", None)
-        if path.is_file() and loader is not None:
-            fitted[name] = loader(path)
+    for label, options in detectors.items():
+        path = folder / f"{label}.pt"
+        if path.is_file():
+            fitted[label] = DETECTORS.get(options.get("detector", label)).load(path)
     return fitted
 
 
@@ -220,7 +259,8 @@ def evaluate_ood(model: torch.nn.Module, id_train: Data | None, id_test: Data, o
 
     def train_outputs() -> ModelOutputs:
         if id_train is None:
-            raise ValueError("id_train is needed to fit " + ", ".join(n for n in spec if DETECTORS.get(n).needs_fit))
+            raise ValueError("id_train is needed to fit " + ", ".join(
+                n for n, o in spec.items() if build_detector(n, o).needs_fit))
         return extract_outputs(model, as_loader(id_train, batch_size, num_workers), device, quiet=quiet)
 
     evaluation = score_sets(model, spec, outputs, {n: (lambda lo=lo: lo) for n, lo in loaders.items()}, id_name,
@@ -234,12 +274,12 @@ def evaluate_ood(model: torch.nn.Module, id_train: Data | None, id_test: Data, o
 
 
 def detector_options(detectors: str | list[str] | dict[str, dict]) -> dict[str, dict]:
-    """A ``--detectors`` string, a list of such items, or {name: options} -> {name: options}, checked."""
+    """A ``--detectors`` string, a list of such items, or {label: options} -> {label: options}, checked."""
     if isinstance(detectors, str):
         return parse_detector_spec(detectors)
     if isinstance(detectors, dict):
-        for name in detectors:
-            DETECTORS.get(name)
+        for label, options in detectors.items():
+            build_detector(label, options or {})
         return {n: dict(o or {}) for n, o in detectors.items()}
     return parse_detector_spec(",".join(detectors))
 

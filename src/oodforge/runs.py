@@ -34,7 +34,8 @@ def run_payload(benchmark: Benchmark, evaluations: dict[str, tuple[nn.Module, Ev
     first_model, first, first_train, first_ckpt = next(iter(evaluations.values()))
     payload = {"benchmark": benchmark.name, "id_dataset": benchmark.id_dataset, "id_accuracy": first.id_accuracy,
                "model": model_summary(first_model, first, first_ckpt), "train": first_train,
-               "ood_sets": benchmark.ood, "results": [], "timings": first.timings}
+               "ood_sets": benchmark.ood, "detectors": first.detector_records(), "results": [],
+               "timings": first.timings}
     scores: dict[str, np.ndarray] = {}
     for method, (model, evaluation, train, ckpt) in evaluations.items():
         payload["results"].extend(evaluation.results)

@@ -70,6 +70,20 @@ class TrainConfig:
     precision: str = "32-true"
 
 
+def recipe_detectors(config: TrainConfig) -> list[str]:
+    """The scores a recipe is built for, added to whatever detectors a run asks for: ``cosine`` for a
+    cosine head, ``semantic_energy`` and ``representation`` for the ``sde`` loss."""
+    own = ["cosine"] if config.head != "linear" else []
+    return own + (["semantic_energy", "representation"] if config.loss == "sde" else [])
+
+
+def with_recipe_detectors(spec: str, config: TrainConfig) -> str:
+    """``spec`` plus the recipe's own detectors that it does not name already."""
+    named = {item.split(":", 1)[0].strip() for item in spec.split(",")}
+    extra = [d for d in recipe_detectors(config) if d not in named and "all" not in named]
+    return ",".join([spec, *extra]) if extra else spec
+
+
 def make_model(config: TrainConfig, benchmark: Benchmark) -> Classifier:
     """The classifier a recipe trains: fresh, or loaded from ``config.init``."""
     height, width, channels = benchmark.image_shape

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
+import pickle
+import types
+import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -40,18 +45,87 @@ class NotFittedError(RuntimeError):
     """Raised when ``score`` is called on a detector that needs ``fit`` first."""
 
 
-class Detector:
-    """Base class of OOD detectors. ``score_outputs`` returns shape (N,), higher = more in-distribution.
+REQUIREMENTS = ("logits", "features", "train", "head", "gradients")
+SIMPLE_TYPES = (bool, int, float, str)
 
-    Subclasses set ``needs_fit`` when they learn from ID training outputs, and ``needs_inputs``
-    when they need the raw inputs and the model (ODIN) rather than cached outputs.
+
+class Detector:
+    """Base class of OOD detectors, in scikit-learn's manner. ``score_outputs`` returns (N,), higher = more ID.
+
+    ``__init__`` only stores its (typed, simple) parameters under their own names; ``get_params``,
+    ``repr`` and validation come from its signature. ``_check`` adds range checks; both run when a
+    detector is built with ``create_detector`` (before any training or forward pass). ``fit`` learns
+    state into attributes ending in ``_``, which ``save``/``load`` write and read. Class attributes:
+    ``needs_fit`` (learns from ID outputs), ``needs_inputs`` (needs the raw inputs and the model:
+    ODIN, GradNorm), ``requires`` (what it reads: logits, features, train, head, gradients) and
+    ``search_space`` (values of each tunable parameter).
     """
 
     needs_fit: ClassVar[bool] = False
     needs_inputs: ClassVar[bool] = False
+    requires: ClassVar[tuple[str, ...]] = ("logits",)
+    search_space: ClassVar[dict[str, list]] = {}
+
+    @classmethod
+    def param_names(cls) -> list[str]:
+        """The parameters of ``__init__``, in order."""
+        if cls.__init__ is object.__init__:
+            return []
+        return [p.name for p in inspect.signature(cls.__init__).parameters.values()
+                if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+    def get_params(self) -> dict:
+        """The parameters this detector was built with."""
+        return {name: getattr(self, name) for name in self.param_names()}
+
+    def set_params(self, **params) -> Detector:
+        """Change parameters (validated); learned state is dropped, so ``fit`` must run again."""
+        unknown = sorted(set(params) - set(self.param_names()))
+        if unknown:
+            raise ValueError(self._unknown_message(unknown[0]))
+        for name, value in params.items():
+            setattr(self, name, value)
+        self.validate()
+        self.fitted_ = False
+        return self
+
+    def validate(self) -> Detector:
+        """Check every parameter's type (from the ``__init__`` annotations) and range (``_check``)."""
+        hints = typing.get_type_hints(type(self).__init__) if type(self).__init__ is not object.__init__ else {}
+        for name in self.param_names():
+            value = getattr(self, name)
+            allowed = _simple_types(hints.get(name))
+            if allowed and not _is_instance(value, allowed):
+                raise ValueError(f"{self._label()}: {name} must be {' or '.join(t.__name__ for t in allowed)}, "
+                                 f"got {value!r}")
+            if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, name, float(value))
+        self._check()
+        return self
+
+    def _check(self) -> None:
+        """Override to check parameter ranges; raise ValueError naming the detector and the parameter."""
+
+    def supports(self, model: nn.Module | None) -> bool:
+        """Whether this detector can run on ``model`` (detectors that read the head need a linear one)."""
+        from oodforge.detectors.head import has_linear_head
+
+        return "head" not in self.requires or has_linear_head(model)
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({params})"
+
+    def _label(self) -> str:
+        return registered_name(self) or type(self).__name__
+
+    def _unknown_message(self, key: str) -> str:
+        options = ", ".join(self.param_names()) or "none"
+        return f"{self._label()} has no option {key!r}; its options: {options}"
 
     def fit(self, train: ModelOutputs, model: nn.Module | None = None) -> Detector:
         """Learn from ID training outputs (and the model, for detectors that reuse its head)."""
+        self.validate()
         self.model_ = model if model is None or hasattr(model, "head") else _wrapped_if_possible(model)
         self._fit(train)
         self.fitted_ = True
@@ -78,6 +152,77 @@ class Detector:
         with torch.no_grad():
             features, logits = features_and_logits(model, x)
         return self.score_outputs(ModelOutputs(logits, features.flatten(1)))
+
+    def get_state(self) -> dict:
+        """The learned state: every attribute ending in ``_`` but the model (tensors moved to the CPU)."""
+        return {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in vars(self).items()
+                if k.endswith("_") and k not in ("model_", "fitted_")}
+
+    def set_state(self, state: dict) -> None:
+        """Restore what ``get_state`` returned."""
+        for key, value in state.items():
+            setattr(self, key, value)
+
+    def save(self, path: str | Path) -> Path:
+        """Write name, parameters and learned state to ``path`` atomically (loadable with ``weights_only``)."""
+        from oodforge.io import atomic_torch_save
+
+        self.check_fitted()
+        payload = {"format": "oodforge-detector", "detector": self._label(), "params": self.get_params(),
+                   "state": self.get_state()}
+        return atomic_torch_save(payload, path)
+
+    @classmethod
+    def load(cls, path: str | Path, model: nn.Module | None = None) -> Detector:
+        """A fitted detector from a file written by ``save``; ``model`` for detectors that read its head."""
+        path = Path(path)
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            detector = create_detector(payload["detector"], **payload["params"])
+            detector.set_state(payload["state"])
+        except (OSError, KeyError, TypeError, RuntimeError, pickle.UnpicklingError) as exc:
+            raise ValueError(f"{path} is not a saved oodforge detector: {exc}") from None
+        if cls is not Detector and not isinstance(detector, cls):
+            raise ValueError(f"{path} holds a {type(detector).__name__}, not a {cls.__name__}")
+        detector.model_ = model
+        detector.fitted_ = True
+        return detector
+
+
+def _simple_types(hint: object) -> tuple[type, ...]:
+    """The simple types a parameter annotation allows (``int | None`` -> (int, NoneType)); () if not simple."""
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if not args or not all(a in SIMPLE_TYPES or a is type(None) for a in args):
+        return ()
+    return tuple(args)
+
+
+def _is_instance(value: object, allowed: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):
+        return bool in allowed
+    if isinstance(value, int) and float in allowed:
+        return True
+    return isinstance(value, allowed)
+
+
+DETECTORS: Registry[Detector] = Registry("detector")
+
+
+def registered_name(detector: Detector) -> str | None:
+    """The registry name of a detector's class."""
+    return next((n for n in DETECTORS.names() if DETECTORS.get(n) is type(detector)), None)
+
+
+def create_detector(name: str, **kwargs) -> Detector:
+    """Build the detector registered as ``name``, with its parameters checked (unknown, type, range)."""
+    cls = DETECTORS.get(name)
+    known = cls.param_names() if isinstance(cls, type) and issubclass(cls, Detector) else None
+    if known is not None:
+        unknown = sorted(set(kwargs) - set(known))
+        if unknown:
+            raise ValueError(f"{name} has no option {unknown[0]!r}; its options: {', '.join(known) or 'none'}")
+    detector = cls(**kwargs)
+    return detector.validate() if isinstance(detector, Detector) else detector
 
 
 def classifier_view(model: nn.Module) -> nn.Module:
@@ -108,9 +253,3 @@ def features_and_logits(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     return features, model.head(features)
 
 
-DETECTORS: Registry[Detector] = Registry("detector")
-
-
-def create_detector(name: str, **kwargs) -> Detector:
-    """Build the detector registered as ``name``."""
-    return DETECTORS.create(name, **kwargs)

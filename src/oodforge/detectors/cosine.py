@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
@@ -16,6 +18,11 @@ class MaxCosine(Detector):
     """
 
     needs_fit = True
+    requires: ClassVar[tuple[str, ...]] = ("features", "head")
+
+    def supports(self, model) -> bool:
+        """Only models with a cosine head (SphereFace, CosFace, ArcFace, AdaCos)."""
+        return callable(getattr(getattr(model, "head", None), "cosine", None))
 
     def _fit(self, train: ModelOutputs) -> None:  # noqa: ARG002
         if self.model_ is None:

@@ -7,15 +7,14 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import normflows as nf
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from torch import Tensor
+from torch import Tensor, nn
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
-from oodforge.io import atomic_torch_save
 
 NONFINITE_SCORE = -1e30
 """Score given to a sample whose log-likelihood is NaN or infinite: below every finite score."""
@@ -62,6 +61,9 @@ class FlowDensity(Detector):
     """
 
     needs_fit = True
+    requires: ClassVar[tuple[str, ...]] = ("features", "train")
+    search_space: ClassVar[dict[str, list]] = {"epochs": [1, 5, 20]}
+    save_with_run: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -183,6 +185,9 @@ class FlowDensity(Detector):
             torch.manual_seed(self.seed)
             return build_glow_flow(dim, self.blocks, self.hidden_layers)
 
+    def _check(self) -> None:
+        self._check_config()
+
     def _check_config(self) -> None:
         for name in ("blocks", "hidden_layers", "batch_size", "epochs"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -194,39 +199,37 @@ class FlowDensity(Detector):
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"flow option val_fraction must be in [0, 1), got {self.val_fraction!r}")
 
-    def save(self, path: str | Path) -> Path:
-        """Write the config and the flow's weights to ``path`` atomically (``torch.save`` format)."""
-        self.check_fitted()
-        state = {key: value.detach().cpu() for key, value in self.flow_.state_dict().items()}
-        payload = {
-            "format": FILE_FORMAT,
-            "version": FILE_VERSION,
-            "config": self.get_config(),
-            "feature_dim": self.feature_dim_,
-            "state_dict": state,
-            "history": self.history_,
-        }
-        return atomic_torch_save(payload, path)
+    def get_state(self) -> dict:
+        """Feature size, training history and the flow's weights (``save`` writes them)."""
+        return {"feature_dim_": self.feature_dim_, "history_": list(self.history_),
+                "flow_state": {key: value.detach().cpu() for key, value in self.flow_.state_dict().items()}}
+
+    def set_state(self, state: dict) -> None:
+        """Rebuild the flow from ``get_state``'s output."""
+        self.feature_dim_ = int(state["feature_dim_"])
+        flow = self._new_flow(self.feature_dim_)
+        flow.load_state_dict(state["flow_state"])
+        self.device_ = _resolve_device(self.device)
+        self.flow_ = flow.to(self.device_).eval()
+        self.history_ = list(state.get("history_", []))
 
     @classmethod
-    def load(cls, path: str | Path, device: str | None = None) -> FlowDensity:
-        """A fitted detector from a file written by :meth:`save` (``device`` overrides the saved one)."""
+    def load(cls, path: str | Path, model: nn.Module | None = None, device: str | None = None) -> FlowDensity:
+        """A fitted flow from a file written by ``save`` (or by oodforge before 2026-11-24);
+        ``device`` overrides the saved one."""
         path = Path(path)
         payload = _read_payload(path)
+        legacy = payload.get("format") == FILE_FORMAT
         try:
-            config = dict(payload["config"])
+            config = dict(payload["config"] if legacy else payload["params"])
             if device is not None:
                 config["device"] = device
-            detector = cls(**config)
-            detector.feature_dim_ = int(payload["feature_dim"])
-            flow = detector._new_flow(detector.feature_dim_)
-            flow.load_state_dict(payload["state_dict"])
+            detector = cls(**config).validate()
+            detector.set_state({"feature_dim_": payload["feature_dim"], "history_": payload.get("history", []),
+                                "flow_state": payload["state_dict"]} if legacy else payload["state"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise ValueError(f"{path} is not a valid flow detector file: {exc}") from exc
-        detector.device_ = _resolve_device(detector.device)
-        detector.flow_ = flow.to(detector.device_).eval()
-        detector.history_ = list(payload.get("history", []))
-        detector.model_ = None
+        detector.model_ = model
         detector.fitted_ = True
         return detector
 
@@ -241,9 +244,9 @@ def _read_payload(path: Path) -> dict[str, Any]:
         raise ValueError(
             f"cannot read flow detector file {path} (corrupt or not a torch file): {exc}"
         ) from exc
-    if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
+    if not isinstance(payload, dict) or payload.get("format") not in (FILE_FORMAT, "oodforge-detector"):
         raise ValueError(f"{path} is not an oodforge flow detector file (format tag missing)")
-    if payload.get("version") != FILE_VERSION:
+    if payload.get("format") == FILE_FORMAT and payload.get("version") != FILE_VERSION:
         raise ValueError(f"{path} has flow file version {payload.get('version')!r}; expected {FILE_VERSION}")
     return payload
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
@@ -29,8 +31,14 @@ class MaxLogit(Detector):
 class Energy(Detector):
     """Energy score -E(x) = T logsumexp(f(x)/T) (Liu et al. 2020)."""
 
+    search_space: ClassVar[dict[str, list]] = {"temperature": [0.5, 1.0, 2.0, 5.0]}
+
     def __init__(self, temperature: float = 1.0) -> None:
         self.temperature = temperature
+
+    def _check(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"energy: temperature must be > 0, got {self.temperature}")
 
     def _score(self, outputs: ModelOutputs) -> Tensor:
         return energy_score(outputs.logits.float(), self.temperature)
@@ -45,10 +53,19 @@ class ODIN(Detector):
     """
 
     needs_inputs = True
+    requires: ClassVar[tuple[str, ...]] = ("logits", "gradients")
+    search_space: ClassVar[dict[str, list]] = {"temperature": [1.0, 10.0, 100.0, 1000.0],
+                                               "epsilon": [0.0, 0.0005, 0.0014, 0.0028, 0.005]}
 
     def __init__(self, temperature: float = 1000.0, epsilon: float = 0.0014) -> None:
         self.temperature = temperature
         self.epsilon = epsilon
+
+    def _check(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"odin: temperature must be > 0, got {self.temperature}")
+        if self.epsilon < 0:
+            raise ValueError(f"odin: epsilon must be >= 0, got {self.epsilon}")
 
     def score(self, model: nn.Module, x: Tensor) -> Tensor:
         model = classifier_view(model)

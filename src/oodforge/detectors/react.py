@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
@@ -19,15 +21,24 @@ class ReAct(Detector):
     """
 
     needs_fit = True
+    requires: ClassVar[tuple[str, ...]] = ("features", "train", "head")
+    search_space: ClassVar[dict[str, list]] = {"percentile": [80.0, 85.0, 90.0, 95.0, 99.0]}
 
     def __init__(self, percentile: float = 90.0) -> None:
         self.percentile = percentile
 
+    def _check(self) -> None:
+        if not 0.0 <= self.percentile <= 100.0:
+            raise ValueError(f"react: percentile must be in [0, 100], got {self.percentile}")
+
+    def supports(self, model) -> bool:
+        """Any module head maps clipped features to logits."""
+        return getattr(model, "head", None) is not None
+
     def _fit(self, train: ModelOutputs) -> None:
         if getattr(self.model_, "head", None) is None:
             raise ValueError("react needs the classifier: call fit(train, model) with a model that has .head")
-        if not 0.0 <= self.percentile <= 100.0:
-            raise ValueError(f"percentile must be in [0, 100], got {self.percentile}")
+        self._check()
         if train.features.numel() == 0:
             raise ValueError("react needs non-empty training features")
         self.threshold_ = percentile(train.features.detach(), self.percentile)

@@ -8,6 +8,8 @@ The shared score math lives in ``oodforge.scores`` (losses use it too).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
@@ -24,6 +26,7 @@ class Representation(Detector):
     """
 
     needs_fit = True
+    requires: ClassVar[tuple[str, ...]] = ("features", "train")
 
     def _fit(self, train: ModelOutputs) -> None:
         model_centres = getattr(self.model_, "class_centres", None) if self.model_ is not None else None
@@ -60,11 +63,16 @@ class SemanticEnergy(Representation):
     not be checked.
     """
 
+    requires: ClassVar[tuple[str, ...]] = ("logits", "features", "train")
+    search_space: ClassVar[dict[str, list]] = {"beta": [0.0, 1.0, 3.0, 10.0, 30.0, 100.0]}
+
     def __init__(self, beta: float = 1.0, temperature: float = 1.0) -> None:
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
         self.beta = beta
         self.temperature = temperature
+
+    def _check(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"semantic_energy: temperature must be positive, got {self.temperature}")
 
     def _score(self, outputs: ModelOutputs) -> Tensor:
         energy = energy_score(outputs.logits.float(), self.temperature)
