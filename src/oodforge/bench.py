@@ -29,7 +29,7 @@ from oodforge.io import atomic_json, atomic_write
 from oodforge.runs import print_results, run_payload, save_run
 from oodforge.train import MODEL_CHECKPOINT, TrainConfig, copy_sample_grids, train, with_recipe_detectors
 
-CONFIG_KEYS = {"benchmark", "detectors", "seeds", "defaults", "runs", "description"}
+CONFIG_KEYS = {"benchmark", "detectors", "seeds", "defaults", "runs", "description", "tune"}
 PATH_KEYS = ("init", "outliers", "synthetic_id")
 DEFAULT_DETECTORS = "msp,maxlogit,energy"
 
@@ -103,7 +103,8 @@ def run_bench(config_path: Path, out: Path, quiet: bool = False, only: list[str]
             train_s = time.perf_counter() - tic
             copy_sample_grids(recipe, out, prefix=f"{run['name']}-")  # the bench report shows them too
             own = parse_detector_spec(with_recipe_detectors(config.get("detectors", DEFAULT_DETECTORS), recipe))
-            evaluation = evaluate(model, benchmark, own, method=method, cache=OutputCache(), quiet=quiet,
+            evaluation = evaluate(model, benchmark, own, method=method, tune=bool(config.get("tune", False)),
+                                  cache=OutputCache(), quiet=quiet,
                                   train_subset=recipe.train_subset)
             evaluation.timings["train_s"] = train_s
             info = {**asdict(recipe), "history": model.history, "run": run["name"]}

@@ -52,7 +52,8 @@ def _options(pairs: list[str] | None, what: str) -> dict:
 
 def _evaluate_and_save(model, benchmark, detectors: str, out: Path, train_info: dict, checkpoint: str | None,
                        batch_size: int, quiet: bool, cache: bool, method: str | None = None,
-                       detector_dir: Path | None = None, train_subset: int | None = None) -> dict:
+                       detector_dir: Path | None = None, train_subset: int | None = None,
+                       tune: bool = False) -> dict:
     from oodforge.evaluate import evaluate, load_fitted_detectors, parse_detector_spec
     from oodforge.features import OutputCache
     from oodforge.runs import print_results, run_payload, save_run
@@ -63,7 +64,7 @@ def _evaluate_and_save(model, benchmark, detectors: str, out: Path, train_info: 
         console.print(f"reusing fitted detectors from {detector_dir}: {', '.join(fitted)}")
     evaluation = evaluate(model, benchmark, spec, method=method, device=_device(), batch_size=batch_size,
                           cache=OutputCache(enabled=cache), quiet=quiet, fitted=fitted,
-                          train_subset=train_subset)
+                          train_subset=train_subset, tune=tune)
     _save_detectors(evaluation, out)
     payload, scores = run_payload(benchmark, {method or "model": (model, evaluation, train_info, checkpoint)})
     save_run(out, payload, scores)
@@ -161,6 +162,8 @@ def score(benchmark: str = typer.Option(..., help="Benchmark: a registered name 
           batch_size: int = typer.Option(500), cache: bool = typer.Option(True, help="Reuse cached outputs."),
           detector_dir: Path | None = typer.Option(None, help="Reload fitted detectors (e.g. the flow) from "
                                                    "this folder, such as an earlier run's OUT/detectors."),
+          tune: bool = typer.Option(False, "--tune", help="Also score each detector with parameters chosen on "
+                                    "the benchmark's validation data (rows '<detector>[tuned]')."),
           quiet: bool = typer.Option(False, "--quiet")) -> None:
     """Score a trained or pretrained classifier with post-hoc detectors on a benchmark."""
     from oodforge.data.benchmarks import get_benchmark
@@ -170,8 +173,10 @@ def score(benchmark: str = typer.Option(..., help="Benchmark: a registered name 
     parse_detector_spec(detectors)
     bench = get_benchmark(benchmark)
     classifier, checkpoint = load_model(model, weights, bench, head=model_head)
+    if tune:
+        bench.check_validation()
     _evaluate_and_save(classifier, bench, detectors, out, {}, checkpoint, batch_size, quiet, cache,
-                       detector_dir=detector_dir)
+                       detector_dir=detector_dir, tune=tune)
 
 
 @app.command()

@@ -98,6 +98,7 @@ class Evaluation:
     diagnostics: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     detectors: dict[str, Detector] = field(default_factory=dict)
+    tuning: dict | None = None
 
     def detector_records(self) -> dict[str, dict]:
         """{label: name, parameters and needs} of every detector scored, for results.json."""
@@ -126,29 +127,44 @@ def id_accuracy(outputs: ModelOutputs) -> float | None:
 def evaluate(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, dict], *,
              method: str | None = None, device: torch.device | str = "cpu", batch_size: int = 500,
              cache: OutputCache | None = None, quiet: bool = False, root: str | Path | None = None,
-             fitted: dict[str, Detector] | None = None, train_subset: int | None = None) -> Evaluation:
+             fitted: dict[str, Detector] | None = None, train_subset: int | None = None,
+             tune: bool = False) -> Evaluation:
     """Score the ID test set and every OOD set of ``benchmark`` with each detector in ``detectors``.
 
     Detectors in ``fitted`` (e.g. a flow reloaded from an earlier run) are used as they are; the
     others fit on the ID training set (``train_subset`` class-balanced images if given, as in training).
+    With ``tune``, each tunable detector's parameters are first chosen on the benchmark's validation
+    data (``oodforge.tuning``; no test set is loaded until then) and scored as ``<label>[tuned]``
+    beside its defaults; every detector then fits on the training split minus the ID validation images.
     """
     cache = cache or OutputCache()
     model = as_classifier(model).to(device).eval()
+    tuning = None
+    if tune:
+        from oodforge.tuning import tune as tune_detectors
+
+        tuning = tune_detectors(model, benchmark, detectors, cache=cache, device=device, batch_size=batch_size,
+                                quiet=quiet, root=root)
+        detectors = tuning.tuned_spec(detectors)
     start = time.perf_counter()
     sets = {benchmark.id_dataset: benchmark.id_set("test", root)} | {n: benchmark.ood_set(n, root)
                                                                      for n in benchmark.ood}
     outputs = {n: cache.outputs(model, s, device, batch_size, quiet) for n, s in sets.items()}
 
     def train_outputs() -> ModelOutputs:
-        train_images = benchmark.id_set("train", root)
+        train_images = benchmark.split_train(root)[0] if tune else benchmark.id_set("train", root)
         if train_subset:
             train_images = train_images.balanced_head(train_subset)
         return cache.outputs(model, train_images, device, batch_size, quiet)
 
     loaders = {n: functools.partial(image_loader, s, batch_size) for n, s in sets.items()}
-    return score_sets(model, detectors, outputs, loaders, benchmark.id_dataset, benchmark.ood, train_outputs,
-                      method=method, fitted=fitted, quiet=quiet, device=device,
-                      timings={"outputs_s": time.perf_counter() - start})
+    evaluation = score_sets(model, detectors, outputs, loaders, benchmark.id_dataset, benchmark.ood, train_outputs,
+                            method=method, fitted=fitted, quiet=quiet, device=device,
+                            timings={"outputs_s": time.perf_counter() - start})
+    if tuning is not None:
+        evaluation.tuning = tuning.record()
+        evaluation.timings["tuning_s"] = tuning.seconds
+    return evaluation
 
 
 def score_sets(model: torch.nn.Module, detectors: dict[str, dict], outputs: dict[str, ModelOutputs],
@@ -178,8 +194,8 @@ def score_sets(model: torch.nn.Module, detectors: dict[str, dict], outputs: dict
         for name, detector in built.items():
             bar.update(task, status=name)
             tic = time.perf_counter()
-            if detector.needs_fit and name not in fitted:
-                detector.fit(train, model)
+            if name not in fitted:
+                detector.prepare(train, model)
             for dataset in [id_name, *groups]:
                 scores = (input_scores(detector, model, loaders[dataset](), device) if detector.needs_inputs
                           else detector.score_outputs(outputs[dataset]))

@@ -36,6 +36,8 @@ def run_payload(benchmark: Benchmark, evaluations: dict[str, tuple[nn.Module, Ev
                "model": model_summary(first_model, first, first_ckpt), "train": first_train,
                "ood_sets": benchmark.ood, "detectors": first.detector_records(), "results": [],
                "timings": first.timings}
+    if first.tuning is not None:
+        payload["tuning"] = first.tuning
     scores: dict[str, np.ndarray] = {}
     for method, (model, evaluation, train, ckpt) in evaluations.items():
         payload["results"].extend(evaluation.results)
@@ -43,7 +45,8 @@ def run_payload(benchmark: Benchmark, evaluations: dict[str, tuple[nn.Module, Ev
         if several:
             payload.setdefault("methods", {})[method] = {
                 "id_accuracy": evaluation.id_accuracy, "model": model_summary(model, evaluation, ckpt),
-                "train": train, "timings": evaluation.timings}
+                "train": train, "timings": evaluation.timings,
+                **({"tuning": evaluation.tuning} if evaluation.tuning is not None else {})}
     return payload, scores
 
 

@@ -10,12 +10,24 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from oodforge.data.datasets import load_dataset
-from oodforge.data.imageset import ImageSet
+from oodforge.data.datasets import load_dataset, overlaps
+from oodforge.data.imageset import ImageSet, balanced_index
 from oodforge.data.streaming import FileImageSet
 from oodforge.registry import Registry
 
 Images = ImageSet | FileImageSet
+VAL_HOLDOUT = 1000  # ID validation images held out from the training split when no val.id set is given
+VAL_LIMIT = 2000  # validation OOD sets are cut to this many images
+
+
+def same_source(a: str, b: str) -> bool:
+    """Whether two dataset specs can share images (same dataset, known overlap, or nested folders)."""
+    if a.startswith("folder:") and b.startswith("folder:"):
+        pa, pb = Path(a[7:]).resolve(), Path(b[7:]).resolve()
+        return pa == pb or pa in pb.parents or pb in pa.parents
+    return overlaps(a, b)
+
+
 
 
 @dataclass(frozen=True)
@@ -39,7 +51,7 @@ class Benchmark:
     classes: tuple[str, ...] | None = None  # class order of a YAML benchmark (default: sorted train folders)
     resize: str = "stretch"  # "stretch" or "shorter_crop" (resize the shorter side, then centre-crop)
     streaming: str = "never"  # folder datasets: "auto", "always" or "never" (decode into memory)
-    val: dict = field(default_factory=dict)  # validation data: {"id": spec, "ood": {name: spec}}
+    val: dict = field(default_factory=dict)  # {"id": spec or {"holdout": n}, "ood": {name: {data, split, group}}}
     path: str | None = None  # the YAML file, if any
 
     def spec(self, key: str) -> str:
@@ -65,6 +77,45 @@ class Benchmark:
                               resize=self.resize)
         return adapt(images, self.image_shape, self.resize)
 
+    def split_train(self, root: str | Path | None = None) -> tuple[Images, Images]:
+        """(images to fit detectors on, ID validation images): a separate ``val.id`` set, or a
+        class-balanced hold-out of ``val.id.holdout`` images taken from the end of the training split."""
+        train = self.id_set("train", root)
+        source = self.val.get("id", {"holdout": VAL_HOLDOUT})
+        if isinstance(source, dict):
+            count = int(source.get("holdout", VAL_HOLDOUT))
+            held = len(train) - 1 - balanced_index(train.labels[::-1], count)
+            keep = np.setdiff1d(np.arange(len(train)), held)
+            return train.subset(keep), train.subset(np.sort(held), f"{train.name}-val")
+        images = load_dataset(source, "test", root, image_shape=self.image_shape, streaming=self.streaming,
+                              resize=self.resize)
+        classes = list(self.classes) if self.classes else train.classes
+        return train, relabel(adapt(images, self.image_shape, self.resize), classes, source)
+
+    def val_ood_sets(self, root: str | Path | None = None, limit: int = VAL_LIMIT) -> dict[str, Images]:
+        """The validation OOD sets (at most ``limit`` evenly spaced images each), in the ID format."""
+        self.check_validation()
+        sets = {}
+        for name, entry in self.val.get("ood", {}).items():
+            images = load_dataset(entry["data"], entry.get("split", "test"), root, image_shape=self.image_shape,
+                                  streaming=self.streaming, resize=self.resize)
+            images = adapt(images, self.image_shape, self.resize)
+            if len(images) > limit:
+                images = images.subset(np.linspace(0, len(images) - 1, limit).round().astype(int))
+            sets[name] = images
+        if not sets:
+            raise ValueError(f"benchmark {self.name!r} declares no validation OOD sets (a 'val: ood:' section)")
+        return sets
+
+    def check_validation(self) -> None:
+        """Refuse validation OOD sets that share images with a test set (same source and split)."""
+        tests = [(self.spec(n), "test") for n in self.ood] + [(self.spec("id:test"), "test")]
+        for name, entry in self.val.get("ood", {}).items():
+            for spec, split in tests:
+                if entry.get("split", "test") == split and same_source(entry["data"], spec):
+                    raise ValueError(f"benchmark {self.name!r}: validation OOD set {name!r} ({entry['data']}) "
+                                     f"shares images with test set {spec!r}")
+
     def num_classes(self, root: str | Path | None = None) -> int:
         """How many ID classes the benchmark has."""
         return len(self.classes) if self.classes else len(self.id_set("test", root).classes)
@@ -83,19 +134,33 @@ def _register(benchmark: Benchmark) -> None:
     BENCHMARKS.register(benchmark.name)(lambda: benchmark)
 
 
+def _val(**sets: tuple[str, str, str]) -> dict:
+    """Validation OOD sets: name -> (dataset, split, group); ID validation is a hold-out of the training split."""
+    return {"id": {"holdout": VAL_HOLDOUT},
+            "ood": {n: {"data": d, "split": split, "group": g} for n, (d, split, g) in sets.items()}}
+
+
 _register(Benchmark("fashion_mnist", "fashion_mnist", {"mnist": "far", "notmnist": "far", "gaussian": "far"},
-                    (28, 28, 1), (0.2860,), (0.3530,)))
+                    (28, 28, 1), (0.2860,), (0.3530,),
+                    val=_val(mnist_train=("mnist", "train", "far"), uniform_val=("uniform", "train", "far"),
+                             patches_val=("natural_patches", "train", "far"))))
 _register(Benchmark("mnist", "mnist", {"fashion_mnist": "far", "notmnist": "far", "gaussian": "far"},
-                    (28, 28, 1), (0.1307,), (0.3081,)))
+                    (28, 28, 1), (0.1307,), (0.3081,),
+                    val=_val(fashion_mnist_train=("fashion_mnist", "train", "far"),
+                             uniform_val=("uniform", "train", "far"), patches_val=("natural_patches", "train", "far"))))
 _register(Benchmark("cifar10", "cifar10",
                     {"tiny_imagenet": "near", "mnist": "far", "dtd": "far", "gaussian": "far"},
                     (32, 32, 3), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-                    augment="crop_flip", default_backbone="resnet20"))
+                    augment="crop_flip", default_backbone="resnet20",
+                    val=_val(patches_val=("natural_patches", "train", "near"), mnist_train=("mnist", "train", "far"),
+                             uniform_val=("uniform", "train", "far"))))
 _register(Benchmark("cifar10_oe", "cifar10",
                     {"tiny_imagenet_b": "near", "mnist": "far", "dtd": "far", "gaussian": "far"},
                     (32, 32, 3), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
                     augment="crop_flip", default_backbone="resnet20",
-                    notes={"outliers": "train outliers from tiny_imagenet_a (disjoint classes)"}))
+                    notes={"outliers": "train outliers from tiny_imagenet_a (disjoint classes)"},
+                    val=_val(patches_val=("natural_patches", "train", "near"), mnist_train=("mnist", "train", "far"),
+                             uniform_val=("uniform", "train", "far"))))
 
 
 def get_benchmark(name: str) -> Benchmark:

@@ -1,9 +1,15 @@
 """Post-hoc OOD detectors; importing this package registers all of them in ``DETECTORS``."""
 
 from oodforge.detectors import (  # noqa: F401  (imported to register)
+    ash,
     cosine,
+    dice,
+    entropy,
     fdbd,
     flow,
+    gen,
+    gradnorm,
+    klm,
     knn,
     logits,
     mahalanobis,
@@ -13,8 +19,10 @@ from oodforge.detectors import (  # noqa: F401  (imported to register)
     relation,
     residual,
     rmds,
+    scale,
     semantic_energy,
     she,
+    temperature,
     vim,
 )
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs, NotFittedError, create_detector

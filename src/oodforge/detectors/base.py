@@ -134,6 +134,13 @@ class Detector:
     def _fit(self, train: ModelOutputs) -> None:
         """Override to learn state into attributes ending in ``_``."""
 
+    def prepare(self, train: ModelOutputs | None, model: nn.Module | None) -> Detector:
+        """Ready to score: ``fit`` when the detector learns, else just remember the model (for its head)."""
+        if self.needs_fit:
+            return self.fit(train, model)
+        self.model_ = model if model is None or hasattr(model, "head") else _wrapped_if_possible(model)
+        return self
+
     def check_fitted(self) -> None:
         """Raise ``NotFittedError`` if this detector needs ``fit`` and has not had it."""
         if self.needs_fit and not getattr(self, "fitted_", False):
