@@ -46,6 +46,8 @@ class Tuning:
 def grid(space: dict[str, list], fixed: dict) -> list[dict]:
     """Every combination of the space's values, leaving out parameters the user fixed."""
     free = {k: v for k, v in space.items() if k not in fixed}
+    if not free:
+        return []
     return [dict(zip(free, values, strict=True)) for values in itertools.product(*free.values())][:MAX_TRIALS]
 
 
