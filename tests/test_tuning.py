@@ -108,3 +108,13 @@ def test_built_in_benchmarks_declare_disjoint_validation_data() -> None:
         bench = get_benchmark(name)
         assert bench.val.get("ood"), name
         bench.check_validation()
+
+
+def test_trials_that_do_not_fit_the_model_are_recorded_not_fatal(folders, monkeypatch) -> None:
+    from oodforge.detectors.vim import ViM
+
+    monkeypatch.setattr(ViM, "search_space", {"dim": [4, 64]})  # the net's features have 32 dimensions
+    bench = get_benchmark(str(write_benchmark(folders, "dims", {"a": "test_a"})))
+    record = tune(oodforge.wrap_model(TinyNet()), bench, parse_detector_spec("vim")).detectors["vim"]
+    assert record["chosen"] == {"dim": 4}
+    assert "dim" in record["trials"][1]["error"] and np.isnan(record["trials"][1]["val_auroc"])

@@ -92,8 +92,11 @@ def _search(label: str, options: dict, trials: list[dict], model, train, outputs
     results = []
     for params in trials:
         detector = build_detector(label, {**options, **params})
-        results.append({"params": params, "val_auroc": _validation_auroc(detector, model, train, outputs, sets,
-                                                                         device, batch_size)})
+        try:
+            auroc = _validation_auroc(detector, model, train, outputs, sets, device, batch_size)
+            results.append({"params": params, "val_auroc": auroc})
+        except ValueError as exc:  # values that do not fit this model (e.g. a ViM dim >= the feature size)
+            results.append({"params": params, "val_auroc": float("nan"), "error": str(exc).splitlines()[0]})
     finite = [r for r in results if np.isfinite(r["val_auroc"])]
     if not finite:
         raise ValueError(f"tuning {label}: every trial gave non-finite validation scores")
