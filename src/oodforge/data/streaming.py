@@ -117,7 +117,9 @@ class StreamingImages(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        image = torch.from_numpy(self.images.load(index)).permute(2, 0, 1).float().div_(255.0)
+        array = self.images.load(index)
+        image = torch.from_numpy(array if array.flags.writeable else array.copy()).permute(2, 0, 1)
+        image = image.float().div_(255.0)
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.images.labels[index])
