@@ -134,10 +134,11 @@ def test_second_load_comes_from_the_cache_without_decoding(tmp_path, tmp_cache, 
     assert len(entries) == 1
     assert {p.name for p in entries[0].iterdir()} == {"images.npy", "labels.npy", "classes.json"}
 
-    def no_decoding(data: bytes, source: str) -> np.ndarray:
+    def no_decoding(data: bytes, source: str, *args) -> np.ndarray:
         raise AssertionError(f"decoded {source} although the cache holds it")
 
     monkeypatch.setattr(datasets, "decode_image", no_decoding)
+    monkeypatch.setattr(datasets, "decode_fitted", no_decoding)
     second = load_dataset(f"folder:{folder}")
     np.testing.assert_array_equal(second.images, first.images)
     np.testing.assert_array_equal(second.labels, first.labels)

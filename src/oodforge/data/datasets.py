@@ -8,7 +8,6 @@ Decoded archives and folders are cached as ``.npy`` under ``$OODFORGE_CACHE`` (d
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import tarfile
@@ -19,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torchvision
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
+from oodforge.data.decoding import CorruptImageError, decode_fitted, decode_image
 from oodforge.data.imageset import ImageSet
-from oodforge.data.streaming import FileImageSet, fit_shape, unpack_tar
+from oodforge.data.streaming import FileImageSet, unpack_tar
 from oodforge.io import atomic_json, atomic_npy
 from oodforge.registry import Registry
 
@@ -40,10 +40,6 @@ class DatasetNotFoundError(FileNotFoundError):
         super().__init__(f"dataset {name!r} not found in {folder}{': ' + detail if detail else ''}{hint}")
 
 
-class CorruptImageError(ValueError):
-    """An image file that cannot be decoded; the message names the file."""
-
-
 def data_root() -> Path:
     """``$OODFORGE_DATA``, else ``./data``."""
     return Path(os.environ.get("OODFORGE_DATA", "data")).expanduser()
@@ -55,7 +51,7 @@ def cache_root() -> Path:
 
 
 STREAMING_MODES = ("auto", "always", "never")
-STREAM_BYTES = 512 << 20  # auto mode streams folders and archives whose image files exceed this
+STREAM_BYTES = 512 << 20  # auto mode streams folders and archives that would take more than this decoded
 STREAM_COUNT = 100_000  # ... or that hold more images than this
 
 
@@ -91,22 +87,6 @@ def dataset_names() -> list[str]:
 
 
 # ---------------------------------------------------------------- decoding and caching
-
-
-def decode_image(data: bytes, source: str) -> np.ndarray:
-    """Decode image bytes to uint8 (H, W, C) RGB or (H, W, 1) grayscale; errors name ``source``."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            if image.mode.startswith("I"):  # 16/32-bit grayscale: scale to 8 bits
-                wide = np.asarray(image, dtype=np.float64)
-                array = np.clip(np.rint(wide / (257.0 if wide.max() <= 65535 else 16843009.0)), 0, 255)
-                array = array.astype(np.uint8)
-            else:
-                array = np.asarray(image.convert("L" if image.mode in ("L", "1", "LA") else "RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise CorruptImageError(f"cannot decode image {source}: {exc}") from exc
-    return array[:, :, None] if array.ndim == 2 else array
 
 
 def _iter_archive(path: Path) -> Iterator[tuple[str, bytes]]:
@@ -210,19 +190,20 @@ def image_folder(path: Path, name: str | None = None, prefix: str = "", streamin
     """
     name = name or path.name
     path, prefix = locate(path, prefix, name)
-    if streaming == "always" or (streaming == "auto" and _is_large(path, prefix)):
+    if streaming == "always" or (streaming == "auto" and _is_large(path, prefix, shape)):
         images = streaming_folder(path, prefix, name)
         return images if shape is None else images.reshaped(shape, resize)
 
     def build() -> tuple[np.ndarray, np.ndarray, list[str]]:
-        files = [(m, d) for m, d in iter_images(path) if m.startswith(prefix)]
-        if not files:
+        files = ((m, d) for m, d in iter_images(path) if m.startswith(prefix))  # read one file at a time
+        arrays, members = [], []
+        for member, data in files:
+            arrays.append(decode_fitted(data, f"{path}:{member}", shape, resize))
+            members.append(member)
+        if not arrays:
             raise DatasetNotFoundError(name, path, f"no image files under {prefix or 'its top level'}",
                                        hint=False)
-        arrays = [decode_image(data, f"{path}:{member}") for member, data in files]
-        if shape is not None:
-            arrays = [fit_shape(array, shape, resize) for array in arrays]
-        labels, classes = folder_labels([member[len(prefix):] for member, _ in files])
+        labels, classes = folder_labels([member[len(prefix):] for member in members])
         return stack_uniform(arrays), labels, classes
 
     fitted = "" if shape is None else f"-{'x'.join(map(str, shape))}-{resize}"
@@ -265,11 +246,16 @@ def _member_sizes(path: Path, prefix: str) -> list[tuple[str, int]] | None:
     return None
 
 
-def _is_large(path: Path, prefix: str) -> bool:
+def _is_large(path: Path, prefix: str, shape: tuple[int, int, int] | None) -> bool:
+    """Whether decoding into memory would take more than ``STREAM_BYTES`` (or there are > ``STREAM_COUNT``
+    images): the count times the target shape when known, else ten times the compressed size."""
     sizes = _member_sizes(path, prefix)
-    if sizes is None:  # a tar archive: judge by its own size
-        return path.stat().st_size > STREAM_BYTES
-    return len(sizes) > STREAM_COUNT or sum(size for _, size in sizes) > STREAM_BYTES
+    if sizes is None:  # a tar archive: no listing without reading it through
+        return 10 * path.stat().st_size > STREAM_BYTES
+    if len(sizes) > STREAM_COUNT:
+        return True
+    decoded = len(sizes) * int(np.prod(shape)) if shape else 10 * sum(size for _, size in sizes)
+    return decoded > STREAM_BYTES
 
 
 def streaming_folder(path: Path, prefix: str, name: str) -> FileImageSet:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from oodforge.data.decoding import CorruptImageError, decode_fitted
 from oodforge.data.imageset import balanced_index
 
 RESIZE_MODES = ("stretch", "shorter_crop")
@@ -77,12 +77,9 @@ class FileImageSet:
 
     def load(self, index: int) -> np.ndarray:
         """Image ``index`` as uint8 (H, W, C) in the delivered shape."""
-        from oodforge.data.datasets import decode_image
-
         member = self.members[index]
-        array = decode_image(self._read(member), f"{self.source}:{member}" if self.is_zip else
-                             str(self.source / member))
-        return array if self.image_shape is None else fit_shape(array, self.image_shape, self.resize)
+        source = f"{self.source}:{member}" if self.is_zip else str(self.source / member)
+        return decode_fitted(self._read(member), source, self.image_shape, self.resize)
 
     @property
     def is_zip(self) -> bool:
@@ -117,35 +114,10 @@ class StreamingImages(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        array = self.images.load(index)
-        image = torch.from_numpy(array if array.flags.writeable else array.copy()).permute(2, 0, 1)
-        image = image.float().div_(255.0)
+        image = torch.from_numpy(self.images.load(index)).permute(2, 0, 1).float().div_(255.0)
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.images.labels[index])
-
-
-def fit_shape(array: np.ndarray, shape: tuple[int, int, int], resize: str = "stretch") -> np.ndarray:
-    """Convert uint8 (H, W, C) to ``shape``: channels (gray <-> RGB), then resize (antialiased).
-
-    ``stretch`` resizes to (H, W) directly; ``shorter_crop`` resizes the shorter side to H and
-    centre-crops H x W (torchvision's ``Resize(H)`` + ``CenterCrop``).
-    """
-    height, width, channels = shape
-    image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-    image = image.convert("RGB" if channels == 3 else "L")
-    if image.size != (width, height):
-        if resize == "stretch":
-            image = image.resize((width, height), Image.BILINEAR, reducing_gap=None)
-        else:
-            w, h = image.size
-            scale = height / min(w, h)
-            size = (max(width, round(w * scale)), max(height, round(h * scale)))
-            image = image.resize(size, Image.BILINEAR)
-            left, top = (size[0] - width) // 2, (size[1] - height) // 2
-            image = image.crop((left, top, left + width, top + height))
-    out = np.asarray(image)
-    return out[:, :, None] if out.ndim == 2 else out
 
 
 def unpack_tar(archive: Path, cache: Path) -> Path:
@@ -163,8 +135,6 @@ def unpack_tar(archive: Path, cache: Path) -> Path:
         os.replace(partial, target)
     except (tarfile.TarError, OSError, EOFError) as exc:
         if not target.is_dir():  # else another process finished first
-            from oodforge.data.datasets import CorruptImageError
-
             raise CorruptImageError(f"cannot read archive {archive}: {exc}") from exc
     finally:
         shutil.rmtree(partial, ignore_errors=True)
