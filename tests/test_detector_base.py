@@ -102,7 +102,7 @@ def test_supports_replaces_the_name_check(fitted_setup) -> None:
     assert not create_detector("cosine").supports(model)
     assert create_detector("vim").supports(model) and create_detector("msp").supports(model)
     headless = nn.Sequential(nn.Flatten(), nn.Linear(48, 4), nn.Tanh())
-    assert not create_detector("react").supports(headless)
+    assert not create_detector("react").supports(headless) and not create_detector("vim").supports(headless)
 
 
 def test_variants_get_distinct_rows_and_parameters_in_results(tmp_path) -> None:

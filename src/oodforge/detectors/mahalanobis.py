@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
+
+CHUNK_BYTES = 256 << 20  # default row chunk: its float64 copy takes at most 256 MiB
 
 
 @DETECTORS.register("mahalanobis")
@@ -16,32 +20,38 @@ class Mahalanobis(Detector):
     training features (divided by N) plus ``ridge * I``; ``S^+`` is its pseudo-inverse, which drops
     directions whose variance is at most ``rtol`` times the largest (default: D * float64 eps, as
     ``torch.linalg.pinv``). The fit runs in float64; the training outputs must carry labels.
+    Features are read ``chunk_rows`` rows at a time (default: 256 MiB of float64 per chunk), so
+    the training matrix (memory-mapped, say) is never copied whole.
     """
 
     needs_fit = True
+    requires: ClassVar[tuple[str, ...]] = ("features", "train")
 
-    def __init__(self, ridge: float = 0.0, rtol: float | None = None) -> None:
+    def __init__(self, ridge: float = 0.0, rtol: float | None = None, chunk_rows: int | None = None) -> None:
         self.ridge = ridge
         self.rtol = rtol
+        self.chunk_rows = chunk_rows
+
+    def _check(self) -> None:
+        if self.ridge < 0:
+            raise ValueError(f"mahalanobis: ridge must be >= 0, got {self.ridge}")
+        check_chunk_rows(self.chunk_rows)
 
     def _fit(self, train: ModelOutputs) -> None:
         if train.labels is None:
             raise ValueError("mahalanobis needs labelled training outputs (train.labels is None)")
         if self.ridge < 0:
             raise ValueError(f"ridge must be >= 0, got {self.ridge}")
-        features = train.features.detach().double()
+        check_chunk_rows(self.chunk_rows)
+        features = train.features.detach()
         labels = train.labels.detach().to(features.device)
-        if features.ndim != 2 or labels.shape != (len(features),):
+        if features.ndim != 2 or len(features) == 0 or labels.shape != (len(features),):
             raise ValueError(
-                f"train features must be (N, D) with labels (N,), got {tuple(features.shape)} and "
+                f"train features must be non-empty (N, D) with labels (N,), got {tuple(features.shape)} and "
                 f"{tuple(labels.shape)}"
             )
         self.classes_, inverse = torch.unique(labels, return_inverse=True)
-        counts = torch.bincount(inverse, minlength=len(self.classes_)).unsqueeze(1)
-        means = features.new_zeros(len(self.classes_), features.shape[1]).index_add_(0, inverse, features)
-        means /= counts
-        centred = features - means[inverse]
-        covariance = centred.T @ centred / len(features)
+        means, covariance = _class_means_and_covariance(features, inverse, len(self.classes_), self.chunk_rows)
         covariance += self.ridge * torch.eye(len(covariance), dtype=torch.float64, device=features.device)
         self.whitening_ = pinv_sqrt(covariance, self.rtol)
         self.whitened_means_ = means @ self.whitening_
@@ -51,9 +61,46 @@ class Mahalanobis(Detector):
         dim = self.whitening_.shape[0]
         if features.ndim != 2 or features.shape[1] != dim:
             raise ValueError(f"features must have shape (N, {dim}), got {tuple(features.shape)}")
-        whitened = features.to(self.whitening_.device, torch.float64) @ self.whitening_
-        squared = _squared_distances(whitened, self.whitened_means_)
-        return -squared.min(dim=1).values.float().to(features.device)
+        parts = []
+        for rows in row_slices(len(features), dim, self.chunk_rows):
+            whitened = features[rows].to(self.whitening_.device, torch.float64) @ self.whitening_
+            parts.append(_squared_distances(whitened, self.whitened_means_).min(dim=1).values)
+        squared = torch.cat(parts) if parts else self.whitening_.new_zeros(0)
+        return -squared.float().to(features.device)
+
+
+def _class_means_and_covariance(
+    features: Tensor, inverse: Tensor, classes: int, chunk_rows: int | None
+) -> tuple[Tensor, Tensor]:
+    """Class means (C, D) and the covariance (D, D) of class-centred features, float64, in two chunked passes."""
+    chunks = row_slices(len(features), features.shape[1], chunk_rows)
+    counts = torch.bincount(inverse, minlength=classes).unsqueeze(1)
+    means = torch.zeros(classes, features.shape[1], dtype=torch.float64, device=features.device)
+    for rows in chunks:
+        means.index_add_(0, inverse[rows], features[rows].double())
+    means /= counts
+    covariance = torch.zeros(features.shape[1], features.shape[1], dtype=torch.float64, device=features.device)
+    for rows in chunks:
+        centred = features[rows].to(torch.float64, copy=True).sub_(means[inverse[rows]])
+        covariance.addmm_(centred.T, centred)
+    return means, covariance / len(features)
+
+
+def default_chunk_rows(dim: int) -> int:
+    """How many rows of width ``dim`` fit ``CHUNK_BYTES`` in float64 (at least one)."""
+    return max(1, CHUNK_BYTES // (8 * max(1, dim)))
+
+
+def row_slices(rows: int, dim: int, chunk_rows: int | None = None) -> list[slice]:
+    """Consecutive row ranges covering ``rows`` rows, ``chunk_rows`` each (default: ``default_chunk_rows(dim)``)."""
+    step = default_chunk_rows(dim) if chunk_rows is None else chunk_rows
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def check_chunk_rows(chunk_rows: int | None) -> None:
+    """Raise a ValueError unless ``chunk_rows`` is None or a positive integer."""
+    if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise ValueError(f"chunk_rows must be None or an integer >= 1, got {chunk_rows!r}")
 
 
 def pinv_sqrt(covariance: Tensor, rtol: float | None = None) -> Tensor:
@@ -65,10 +112,18 @@ def pinv_sqrt(covariance: Tensor, rtol: float | None = None) -> Tensor:
     return eigenvectors[:, keep] / eigenvalues[keep].sqrt()
 
 
-def _squared_distances(points: Tensor, centres: Tensor, chunk: int = 8192) -> Tensor:
-    """Squared Euclidean distances (N, C), computed exactly (no ||a||^2 - 2ab + ||b||^2 shortcut)."""
-    parts = [
-        (block.unsqueeze(1) - centres.unsqueeze(0)).square().sum(dim=2)
-        for block in points.split(max(1, chunk // max(1, len(centres))))
-    ]
-    return torch.cat(parts) if parts else points.new_zeros(0, len(centres))
+def _squared_distances(points: Tensor, centres: Tensor, elements: int = 1 << 21) -> Tensor:
+    """Squared Euclidean distances (N, C), computed exactly (no ||a||^2 - 2ab + ||b||^2 shortcut).
+
+    Blocks of rows whose (rows, C, D) differences hold at most ``elements`` numbers go through one
+    preallocated buffer, so the loop allocates nothing (fresh big blocks each step either fault in
+    new pages or, interleaved with small allocations, fragment the heap).
+    """
+    rows = max(1, elements // max(1, centres.numel()))
+    squared = points.new_empty(len(points), len(centres))
+    buffer = points.new_empty(min(rows, len(points)), len(centres), points.shape[1])
+    for start in range(0, len(points), rows):
+        block = points[start : start + rows]
+        differences = torch.sub(block.unsqueeze(1), centres.unsqueeze(0), out=buffer[: len(block)])
+        torch.sum(differences.square_(), dim=2, out=squared[start : start + len(block)])
+    return squared
