@@ -3,8 +3,8 @@ with ``wrap_model``, YAML benchmark of ``folder:`` specs) against ``oodforge sco
 
     OODFORGE_DATA=../shared/data python benchmarks/user_path_resnet20.py
 
-Writes ``benchmarks/results/user_path_resnet20.{json,md}``. The comparison itself lives in
-``tests/test_user_path_cifar10.py``, whose CI test runs it for every detector but ODIN (slow).
+Writes ``benchmarks/results/user_path_resnet20.{json,md}``, for every detector (the comparison itself
+lives in ``tests/test_user_path_cifar10.py``, whose CI test runs nine of them).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ sys.path[:0] = [str(HERE.parent / "tests")]
 
 from test_user_path_cifar10 import compare  # noqa: E402
 
-DETECTORS = "msp,maxlogit,energy,odin,mahalanobis,knn,vim,react,flow,representation,semantic_energy"
+DETECTORS = ",".join(n for n in __import__("oodforge").DETECTORS.names() if n != "cosine")  # cosine: no cosine head
 
 
 def main() -> None:

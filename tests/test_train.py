@@ -100,6 +100,7 @@ def test_outliers_overlapping_a_test_ood_set_are_refused():
         raise AssertionError("mnist is a test OOD set of fashion_mnist")
 
 
+@needs_fashion  # make_model reads the benchmark's class count from the test split
 def test_fine_tuning_into_another_head_keeps_backbone_and_class_weights(tmp_path):
     from oodforge.data.benchmarks import get_benchmark
     from oodforge.models.classifier import ModelConfig, build_classifier, save_classifier
