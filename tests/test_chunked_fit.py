@@ -10,8 +10,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from oodforge.detectors.base import ModelOutputs
+from oodforge.detectors.chunks import row_slices
 from oodforge.detectors.knn import KNN
-from oodforge.detectors.mahalanobis import Mahalanobis, _squared_distances, row_slices
+from oodforge.detectors.mahalanobis import Mahalanobis, _squared_distances
 from oodforge.detectors.vim import ViM
 
 ROWS, DIM, CLASSES = 500, 16, 5

@@ -9,10 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
+from oodforge.detectors.chunks import CHUNK_ROWS
 from oodforge.detectors.head import head_logits
 from oodforge.scores import energy_score
 
-CHUNK_ROWS = 8192  # rows per float64 block (8192 x 2048 x 8 B = 128 MiB) when scoring
 VARIANTS = ("p", "b", "s")
 
 

@@ -8,11 +8,10 @@ import torch
 from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
+from oodforge.detectors.chunks import CHUNK_ROWS, column_mean
 from oodforge.detectors.head import linear_head
 from oodforge.detectors.react import percentile
 from oodforge.scores import energy_score
-
-CHUNK_ROWS = 8192  # rows per float64 block (8192 x 2048 x 8 B = 128 MiB) when fitting and scoring
 
 
 @DETECTORS.register("dice")
@@ -47,10 +46,7 @@ class DICE(Detector):
         if features.ndim != 2 or features.shape[1] != weight.shape[1] or len(features) == 0:
             raise ValueError(f"dice: train features must be non-empty (N, {weight.shape[1]}) to match the head, "
                              f"got {tuple(features.shape)}")
-        total = torch.zeros(features.shape[1], dtype=torch.float64)
-        for start in range(0, len(features), CHUNK_ROWS):
-            total += features[start:start + CHUNK_ROWS].double().sum(dim=0).cpu()
-        contribution = weight * (total / len(features))[None, :]
+        contribution = weight * column_mean(features, CHUNK_ROWS).cpu()[None, :]
         threshold = percentile(contribution, self.sparsity)
         self.weight_ = weight * (contribution > threshold)
         self.bias_ = bias

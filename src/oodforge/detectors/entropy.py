@@ -8,8 +8,7 @@ import torch
 from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
-
-CHUNK_ROWS = 8192  # rows per float64 block (8192 x 2048 x 8 B = 128 MiB) when scoring
+from oodforge.detectors.chunks import CHUNK_ROWS
 
 
 @DETECTORS.register("entropy")

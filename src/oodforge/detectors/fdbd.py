@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
+from oodforge.detectors.chunks import column_mean
 from oodforge.detectors.head import linear_head
 
 
@@ -54,10 +55,7 @@ class FDBD(Detector):
         gaps.fill_diagonal_(1.0)  # the predicted class's own term is 0 / 1
         if not (gaps > 0).all():
             raise ValueError("fdbd: two classes of the head have identical weight vectors (no decision boundary)")
-        total = torch.zeros(features.shape[1], dtype=torch.float64, device=features.device)
-        for start in range(0, len(features), self.chunk_rows):
-            total += features[start:start + self.chunk_rows].to(torch.float64).sum(dim=0)
-        self.train_mean_ = total / len(features)
+        self.train_mean_ = column_mean(features, self.chunk_rows)
         self.weight_ = weight.to(features.device)
         self.bias_ = bias.to(features.device)
         self.weight_gaps_ = gaps.to(features.device)

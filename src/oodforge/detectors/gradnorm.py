@@ -10,8 +10,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs, classifier_view, features_and_logits
+from oodforge.detectors.chunks import CHUNK_ROWS
 
-CHUNK_ROWS = 8192  # rows per float64 block (8192 x 2048 x 8 B = 128 MiB) for the closed form
 GRADIENT_ELEMENTS = 1 << 24  # per-sample gradients held at once by the autograd path (samples x weight size)
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
-from oodforge.detectors.mahalanobis import check_chunk_rows, default_chunk_rows, row_slices
+from oodforge.detectors.chunks import check_chunk_rows, default_chunk_rows, row_slices
 
 
 @DETECTORS.register("knn")

@@ -8,8 +8,7 @@ import torch
 from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
-
-CHUNK_BYTES = 256 << 20  # default row chunk: its float64 copy takes at most 256 MiB
+from oodforge.detectors.chunks import check_chunk_rows, row_slices
 
 
 @DETECTORS.register("mahalanobis")
@@ -84,23 +83,6 @@ def _class_means_and_covariance(
         centred = features[rows].to(torch.float64, copy=True).sub_(means[inverse[rows]])
         covariance.addmm_(centred.T, centred)
     return means, covariance / len(features)
-
-
-def default_chunk_rows(dim: int) -> int:
-    """How many rows of width ``dim`` fit ``CHUNK_BYTES`` in float64 (at least one)."""
-    return max(1, CHUNK_BYTES // (8 * max(1, dim)))
-
-
-def row_slices(rows: int, dim: int, chunk_rows: int | None = None) -> list[slice]:
-    """Consecutive row ranges covering ``rows`` rows, ``chunk_rows`` each (default: ``default_chunk_rows(dim)``)."""
-    step = default_chunk_rows(dim) if chunk_rows is None else chunk_rows
-    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
-
-
-def check_chunk_rows(chunk_rows: int | None) -> None:
-    """Raise a ValueError unless ``chunk_rows`` is None or a positive integer."""
-    if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
-        raise ValueError(f"chunk_rows must be None or an integer >= 1, got {chunk_rows!r}")
 
 
 def pinv_sqrt(covariance: Tensor, rtol: float | None = None) -> Tensor:

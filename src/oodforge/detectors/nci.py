@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
+from oodforge.detectors.chunks import column_mean
 from oodforge.detectors.head import linear_head
 
 
@@ -46,10 +47,7 @@ class NCI(Detector):
         if features.ndim != 2 or len(features) == 0 or features.shape[1] != weight.shape[1]:
             raise ValueError(f"nci: train features must be non-empty (N, {weight.shape[1]}) to match the head, "
                              f"got {tuple(features.shape)}")
-        total = torch.zeros(features.shape[1], dtype=torch.float64, device=features.device)
-        for start in range(0, len(features), self.chunk_rows):
-            total += features[start:start + self.chunk_rows].to(torch.float64).sum(dim=0)
-        self.train_mean_ = total / len(features)
+        self.train_mean_ = column_mean(features, self.chunk_rows)
         self.weight_ = weight.to(features.device)
         self.bias_ = bias.to(features.device)
 

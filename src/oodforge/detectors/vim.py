@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
-from oodforge.detectors.mahalanobis import check_chunk_rows, row_slices
+from oodforge.detectors.chunks import check_chunk_rows, row_slices
 from oodforge.scores import energy_score
 
 
