@@ -19,13 +19,12 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
-import yaml
 from rich.console import Console
 
 from oodforge.data.benchmarks import get_benchmark
 from oodforge.evaluate import evaluate, parse_detector_spec
 from oodforge.features import OutputCache
-from oodforge.io import atomic_json, atomic_write
+from oodforge.io import atomic_json, atomic_write, read_yaml_mapping
 from oodforge.runs import print_results, run_payload, save_run
 from oodforge.train import MODEL_CHECKPOINT, TrainConfig, copy_sample_grids, train, with_recipe_detectors
 
@@ -53,13 +52,8 @@ def benchmark_reference(name: str, config_path: Path) -> str:
 
 def load_bench_config(path: Path) -> dict:
     """Read and validate a bench YAML file; errors name the file and the bad key."""
-    if not path.is_file():
-        raise FileNotFoundError(f"bench config not found: {path}")
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(config, dict) or not config.get("runs"):
+    config = read_yaml_mapping(path, "bench config")
+    if not config.get("runs"):
         raise ValueError(f"{path}: needs a 'runs' list")
     unknown = set(config) - CONFIG_KEYS
     if unknown:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
@@ -56,3 +57,16 @@ def atomic_npy(array: np.ndarray, path: str | Path) -> Path:
             np.save(handle, array)
 
     return atomic_write(path, write)
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """A YAML file that must hold a mapping; a missing file, bad YAML or another type is one clear error."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: a {what} must be a YAML mapping, got {type(config).__name__}")
+    return config

@@ -21,10 +21,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import yaml
-
 from oodforge.data.benchmarks import Benchmark
 from oodforge.data.datasets import DATASETS, STREAMING_MODES, locate
+from oodforge.io import read_yaml_mapping
 
 KEYS = {"name", "id", "ood", "val", "image_size", "mean", "std", "classes", "channels", "augment", "backbone",
         "streaming", "description"}
@@ -34,14 +33,7 @@ GROUPS = ("near", "far")
 
 def load_benchmark_file(path: Path) -> Benchmark:
     """Read and validate a benchmark YAML file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"benchmark file not found: {path}")
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: must be a mapping with keys id, ood, image_size, ...")
+    config = read_yaml_mapping(path, "benchmark file")
     unknown = sorted(set(config) - KEYS)
     if unknown:
         raise ValueError(f"{path}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(KEYS))}")
