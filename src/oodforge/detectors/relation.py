@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
-from oodforge.detectors.nnguide import SIMILARITY_ELEMENTS, sample_rows
+from oodforge.detectors.nnguide import sample_rows
+
+KERNEL_ELEMENTS = 1 << 22  # query-bank pairs per block (16 MiB of float32: stays in cache)
 
 
 @DETECTORS.register("relation")
@@ -77,13 +79,15 @@ class Relation(Detector):
                              f"{tuple(features.shape)} and {tuple(logits.shape)}")
         device = features.device
         bank_features, bank_probabilities = self.bank_features_.to(device), self.bank_probabilities_.to(device)
-        block = max(1, min(self.chunk_rows, SIMILARITY_ELEMENTS // len(bank_features)))
+        block = max(1, min(self.chunk_rows, KERNEL_ELEMENTS // len(bank_features)))
         parts = []
         for start in range(0, len(features), block):
             queries = F.normalize(features[start:start + block].to(torch.float64), dim=1).float()
             probabilities = torch.softmax(logits[start:start + block].to(device, torch.float64), dim=1).float()
-            kernel = (queries @ bank_features.T).clamp_(min=0).mul_(probabilities @ bank_probabilities.T)
-            edges = torch.where(kernel > self.threshold, kernel.pow(self.power), 0.0)
-            parts.append(edges.sum(dim=1, dtype=torch.float64))
+            kernel = (queries @ bank_features.T).mul_(probabilities @ bank_probabilities.T)  # cos * (p . p_j)
+            F.threshold_(kernel, self.threshold, 0.0)  # in place; threshold >= 0 also drops negative cosines
+            if self.power != 1.0:
+                kernel.pow_(self.power)
+            parts.append(kernel.sum(dim=1, dtype=torch.float64))
         scores = torch.cat(parts) if parts else features.new_zeros(0, dtype=torch.float64)
         return scores.float()
