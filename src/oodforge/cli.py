@@ -65,6 +65,8 @@ def _evaluate_and_save(model, benchmark, detectors: str, out: Path, train_info: 
     evaluation = evaluate(model, benchmark, spec, method=method, device=_device(), batch_size=batch_size,
                           cache=OutputCache(enabled=cache), quiet=quiet, fitted=fitted,
                           train_subset=train_subset, tune=tune)
+    for info in evaluation.failed.values():
+        console.print(f"[yellow]warning:[/yellow] {info['error']}", highlight=False, soft_wrap=True)
     _save_detectors(evaluation, out)
     payload, scores = run_payload(benchmark, {method or "model": (model, evaluation, train_info, checkpoint)})
     save_run(out, payload, scores)

@@ -99,6 +99,7 @@ class Evaluation:
     timings: dict = field(default_factory=dict)
     detectors: dict[str, Detector] = field(default_factory=dict)
     tuning: dict | None = None
+    failed: dict[str, dict] = field(default_factory=dict)  # detectors dropped for non-finite scores
 
     def detector_records(self) -> dict[str, dict]:
         """{label: name, parameters and needs} of every detector scored, for results.json."""
@@ -117,10 +118,12 @@ def input_scores(detector: Detector, model: torch.nn.Module, loader: DataLoader,
 
 
 def id_accuracy(outputs: ModelOutputs) -> float | None:
-    """Top-1 accuracy of the ID test outputs, or None when they are not all labelled."""
+    """Top-1 accuracy of the ID test outputs, or None when they are not all labelled or the logits are not finite."""
     labels = outputs.labels
     if labels is None or len(labels) == 0 or bool((labels < 0).any()):
         return None
+    if float((~torch.isfinite(outputs.logits)).any(dim=1).float().mean()) > NONFINITE_LIMIT:
+        return None  # an accuracy built on NaN logits is no number
     return accuracy(outputs.logits.numpy(), labels.numpy())
 
 
@@ -196,15 +199,39 @@ def score_sets(model: torch.nn.Module, detectors: dict[str, dict], outputs: dict
             tic = time.perf_counter()
             if name not in fitted:
                 detector.prepare(train, model)
-            for dataset in [id_name, *groups]:
-                scores = (input_scores(detector, model, loaders[dataset](), device) if detector.needs_inputs
-                          else detector.score_outputs(outputs[dataset]))
-                evaluation.scores[f"{prefix}{name}/{dataset}"] = scores.numpy().astype(np.float64)
+            scores = {dataset: (input_scores(detector, model, loaders[dataset](), device) if detector.needs_inputs
+                                else detector.score_outputs(outputs[dataset])).numpy().astype(np.float64)
+                      for dataset in [id_name, *groups]}
+            problem = nonfinite_problem(name, scores)
+            if problem is not None:
+                evaluation.failed[name] = problem
+            else:
+                evaluation.scores.update({f"{prefix}{name}/{d}": v for d, v in scores.items()})
             timings[f"{name}_s"] = time.perf_counter() - tic
             evaluation.detectors[name] = detector
             bar.advance(task)
+    names = [n for n in names if n not in evaluation.failed]
+    if not names and evaluation.failed:
+        raise FloatingPointError("no detector gave finite scores: " + next(iter(evaluation.failed.values()))["error"])
     evaluation.results = results_table(evaluation.scores, id_name, groups, names, method)
+    for detector in list(evaluation.detectors):
+        if detector in evaluation.failed:
+            del evaluation.detectors[detector]
     return evaluation
+
+
+NONFINITE_LIMIT = 0.01  # a detector whose scores are NaN/infinite on more than this share of a set fails
+
+
+def nonfinite_problem(name: str, scores: dict[str, np.ndarray]) -> dict | None:
+    """None when ``scores`` are finite enough; else the error and the non-finite share of every set."""
+    shares = {dataset: float(np.mean(~np.isfinite(values))) if len(values) else 0.0
+              for dataset, values in scores.items()}
+    dataset, worst = max(shares.items(), key=lambda item: item[1])
+    if worst <= NONFINITE_LIMIT:
+        return None
+    return {"error": f"{name}: {100 * worst:.1f}% of its scores on {dataset} are NaN or infinite (more than "
+                     f"{100 * NONFINITE_LIMIT:.0f}%); no result is reported for it", "nonfinite_share": shares}
 
 
 def results_table(scores: dict[str, np.ndarray], id_name: str, groups: dict[str, str], detectors: list[str],
@@ -215,9 +242,13 @@ def results_table(scores: dict[str, np.ndarray], id_name: str, groups: dict[str,
     for name in detectors:
         id_scores = scores[f"{prefix}{name}/{id_name}"]
         for dataset, group in groups.items():
-            metrics = ood_metrics(id_scores, scores[f"{prefix}{name}/{dataset}"])
-            rows.append({"method": method or "model", "detector": name, "ood_dataset": dataset,
-                         "group": group, **metrics})
+            ood_scores = scores[f"{prefix}{name}/{dataset}"]
+            metrics = ood_metrics(id_scores, ood_scores)
+            row = {"method": method or "model", "detector": name, "ood_dataset": dataset, "group": group, **metrics}
+            share = float(np.mean(~np.isfinite(np.r_[id_scores, ood_scores])))
+            if share > 0:  # at most NONFINITE_LIMIT: counted as the least in-distribution scores
+                row["nonfinite_share"] = share
+            rows.append(row)
     return rows
 
 

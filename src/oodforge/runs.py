@@ -38,6 +38,10 @@ def run_payload(benchmark: Benchmark, evaluations: dict[str, tuple[nn.Module, Ev
                "timings": first.timings}
     if first.tuning is not None:
         payload["tuning"] = first.tuning
+    failed = {f"{m}/{d}" if several else d: info for m, (_, ev, _, _) in evaluations.items()
+              for d, info in ev.failed.items()}
+    if failed:
+        payload["failed_detectors"] = failed
     scores: dict[str, np.ndarray] = {}
     for method, (model, evaluation, train, ckpt) in evaluations.items():
         payload["results"].extend(evaluation.results)

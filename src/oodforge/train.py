@@ -31,6 +31,7 @@ from oodforge.models.classifier import (
     ModelConfig,
     build_classifier,
     load_classifier,
+    nonfinite_tensors,
     read_checkpoint,
     save_classifier,
 )
@@ -269,6 +270,10 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, quiet: 
                 bar.update(task, advance=1, status=f"epoch {epoch + 1}/{config.epochs} loss {total_loss / seen:.3f}")
             history.append({"epoch": epoch + 1, "loss": total_loss / seen, "train_accuracy": correct / seen,
                             "seconds": time.perf_counter() - tic})
+            bad = nonfinite_tensors(model.state_dict())
+            if bad:
+                raise FloatingPointError(f"weights became NaN or infinite during epoch {epoch + 1} (e.g. {bad[0]}); "
+                                         f"nothing was saved for it; lower --lr")
             if fabric.is_global_zero:
                 atomic_torch_save({"format": "oodforge-training", "model_config": asdict(model.config),
                                    "train_config": asdict(config), "epoch": epoch + 1, "history": history,

@@ -77,7 +77,11 @@ class CheckpointError(RuntimeError):
 
 
 def save_classifier(model: Classifier, path: str | Path, extra: dict | None = None) -> None:
-    """Write ``model`` (config + weights + ``extra``) to ``path`` atomically."""
+    """Write ``model`` (config + weights + ``extra``) to ``path`` atomically; non-finite weights are refused."""
+    bad = nonfinite_tensors(model.state_dict())
+    if bad:
+        raise FloatingPointError(f"not saving {path}: {len(bad)} weight tensors are NaN or infinite, e.g. "
+                                 f"{bad[0]}; training diverged, lower --lr")
     state = {
         "format": "oodforge-classifier",
         "model_config": asdict(model.config),
@@ -151,7 +155,17 @@ def _external_state_dict(state: dict) -> dict:
     return renamed
 
 
+def nonfinite_tensors(state: dict) -> list[str]:
+    """Names of the floating-point tensors in a state dict that hold NaN or infinity."""
+    return [name for name, value in state.items()
+            if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())]
+
+
 def _load_state(model: nn.Module, state_dict: dict, path: str | Path) -> None:
+    bad = nonfinite_tensors(state_dict)
+    if bad:
+        raise CheckpointError(f"weights in {path} are not finite (NaN or infinity) in {len(bad)} tensors, "
+                              f"e.g. {bad[0]}; the training that wrote them diverged")
     try:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as exc:  # shape mismatches

@@ -1,0 +1,99 @@
+"""Issue 13, first part: no silent wrong answer from NaN (weights, scores, accuracy)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+from typer.testing import CliRunner
+
+import oodforge
+from conftest import needs_mnist_family
+from oodforge.cli import app
+from oodforge.detectors import DETECTORS, Detector
+from oodforge.models.classifier import CheckpointError, ModelConfig, build_classifier, load_classifier, save_classifier
+
+
+def test_non_finite_weights_are_never_saved_and_never_loaded(tmp_path) -> None:
+    model = build_classifier(ModelConfig())
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN or infinite"):
+        save_classifier(model, tmp_path / "bad.ckpt")
+    assert not (tmp_path / "bad.ckpt").exists()
+    state = {"format": "oodforge-classifier", "model_config": ModelConfig().__dict__, "state_dict": model.state_dict(),
+             "extra": {}}
+    torch.save(state, tmp_path / "nan.ckpt")
+    with pytest.raises(CheckpointError, match=r"nan\.ckpt.*not finite"):
+        load_classifier(tmp_path / "nan.ckpt")
+
+
+class HalfNaN(Detector):
+    """Test double: NaN on every other OOD score (a broken detector)."""
+
+    def _score(self, outputs):
+        scores = torch.softmax(outputs.logits, dim=1).max(dim=1).values
+        if len(scores) == 15:  # the OOD set below
+            scores[::2] = float("nan")
+        return scores
+
+
+class OneNaN(Detector):
+    """Test double: a single NaN among 60 ID scores (1.7%: over the limit) or 200 (0.5%: under it)."""
+
+    def _score(self, outputs):
+        scores = outputs.logits[:, 0].clone()
+        scores[0] = float("nan")
+        return scores
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    for name, cls in (("half_nan", HalfNaN), ("one_nan", OneNaN)):
+        monkeypatch.setitem(DETECTORS._factories, name, cls)
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+
+
+def test_detector_with_non_finite_scores_fails_alone_and_is_recorded(tmp_path, registered) -> None:
+    data = TensorDataset(torch.rand(60, 3, 2, 2), torch.arange(60) % 3)
+    results = oodforge.evaluate_ood(_net(), data, data, {"noise": torch.rand(15, 3, 2, 2)},
+                                    detectors="msp,half_nan,one_nan", out=tmp_path / "run", quiet=True)
+    assert {r["detector"] for r in results.rows} == {"msp"}
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["failed_detectors"]["half_nan"]["nonfinite_share"]["noise"] == pytest.approx(8 / 15)
+    assert "NaN or infinite" in saved["failed_detectors"]["one_nan"]["error"]
+    assert all(np.isfinite(r["auroc"]) for r in saved["results"])
+
+
+def test_a_small_non_finite_share_is_kept_and_recorded(registered) -> None:
+    data = TensorDataset(torch.rand(200, 3, 2, 2), torch.arange(200) % 3)
+    results = oodforge.evaluate_ood(_net(), data, data, {"noise": torch.rand(200, 3, 2, 2)},
+                                    detectors="one_nan", quiet=True)
+    (row,) = results.rows
+    assert row["nonfinite_share"] == pytest.approx(2 / 400)
+
+
+def test_every_detector_non_finite_is_an_error(registered) -> None:
+    data = TensorDataset(torch.rand(60, 3, 2, 2), torch.arange(60) % 3)
+    with pytest.raises(FloatingPointError, match="no detector gave finite scores"):
+        oodforge.evaluate_ood(_net(), data, data, {"noise": torch.rand(15, 3, 2, 2)}, detectors="half_nan",
+                              quiet=True)
+
+
+@needs_mnist_family
+def test_diverged_training_ends_in_one_error_line_not_auroc_50(tmp_path) -> None:
+    result = CliRunner().invoke(app, ["train", "--lr", "1e30", "--train-subset", "128", "--batch-size", "128",
+                                      "--epochs", "1", "--detectors", "msp,energy", "--out", str(tmp_path / "run"),
+                                      "--quiet"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[-1].startswith("error:") and "NaN or inf" in lines[-1]
+    assert not (tmp_path / "run" / "results.json").exists()
