@@ -97,3 +97,62 @@ def test_diverged_training_ends_in_one_error_line_not_auroc_50(tmp_path) -> None
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines[-1].startswith("error:") and "NaN or inf" in lines[-1]
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+# ---------------------------------------------------------------- values and model/data checked at the door
+
+runner = CliRunner()
+
+
+def _one_error(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "-1"], "epochs must be >= 1"), (["--train-subset", "-5"], "train_subset must be >= 1"),
+    (["--lr", "0"], "lr must be > 0"), (["--real-ratio", "1.5"], "real_ratio"), (["--devices", "abc"], "devices"),
+])
+def test_bad_training_values_fail_before_anything_runs(tmp_path, args, message) -> None:
+    out = tmp_path / "run"
+    line = _one_error(runner.invoke(app, ["train", *args, "--out", str(out), "--quiet"]))
+    assert message in line and not out.exists()
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"runs": [{"name": "ce", "epochs": "two"}]}, "epochs must be int"),
+    ({"runs": [{"name": "ce", "lr": "fast"}]}, "lr must be float"),
+    ({"seeds": 0, "runs": [{"name": "ce"}]}, "seeds must be a non-empty list"),
+    ({"defaults": [1, 2], "runs": [{"name": "ce"}]}, "defaults must be a dict"),
+    ({"detectors": 5, "runs": [{"name": "ce"}]}, "detectors must be a str"),
+    ({"runs": [{"name": 7}]}, "run name 7"),
+    ({"runs": "ce"}, "'runs' must be a non-empty list"),
+    ({"runs": [{"name": ".."}]}, "run name '..'"),
+    ({"runs": [{"name": "ok"}, {"name": "bad", "epochs": -1}]}, "run bad (seed 0): training config: epochs"),
+])
+def test_bad_bench_configs_fail_before_any_training(tmp_path, config, message) -> None:
+    import yaml
+
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    line = _one_error(runner.invoke(app, ["bench", str(path), "--out", str(out), "--quiet"]))
+    assert message in line and not out.exists()
+
+
+@needs_mnist_family
+def test_model_and_benchmark_are_checked_against_each_other(tmp_path) -> None:
+    five = build_classifier(ModelConfig(num_classes=5))
+    save_classifier(five, tmp_path / "five.ckpt")
+    line = _one_error(runner.invoke(app, ["score", "--benchmark", "fashion_mnist", "--model",
+                                          str(tmp_path / "five.ckpt"), "--out", str(tmp_path / "s"), "--quiet"]))
+    assert "5 classes" in line and "has 10" in line
+    line = _one_error(runner.invoke(app, ["train", "--init", str(tmp_path / "five.ckpt"), "--epochs", "1",
+                                          "--out", str(tmp_path / "t"), "--quiet"]))
+    assert "five.ckpt predicts 5 classes" in line
+    rgb = build_classifier(ModelConfig(num_classes=10, in_channels=3, mean=(0.5,) * 3, std=(0.5,) * 3))
+    save_classifier(rgb, tmp_path / "rgb.ckpt")
+    line = _one_error(runner.invoke(app, ["score", "--benchmark", "fashion_mnist", "--model",
+                                          str(tmp_path / "rgb.ckpt"), "--out", str(tmp_path / "s"), "--quiet"]))
+    assert "3-channel" in line and "1-channel" in line

@@ -51,21 +51,54 @@ def benchmark_reference(name: str, config_path: Path) -> str:
 
 
 def load_bench_config(path: Path) -> dict:
-    """Read and validate a bench YAML file; errors name the file and the bad key."""
+    """Read and validate a bench YAML file, types included; errors name the file and the bad key."""
     config = read_yaml_mapping(path, "bench config")
-    if not config.get("runs"):
-        raise ValueError(f"{path}: needs a 'runs' list")
     unknown = set(config) - CONFIG_KEYS
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(CONFIG_KEYS)}")
+    runs = config.get("runs")
+    if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) for r in runs):
+        raise ValueError(f"{path}: 'runs' must be a non-empty list of runs, each a mapping with a 'name'")
+    kinds = {"detectors": str, "benchmark": str, "defaults": dict, "tune": bool, "description": str}
+    for key, kind in kinds.items():
+        if key in config and not isinstance(config[key], kind):
+            raise ValueError(f"{path}: {key} must be a {kind.__name__}, got {config[key]!r}")
+    _check_seeds(config.get("seeds", [0]), path, "seeds")
     allowed = {f.name for f in fields(TrainConfig)}
-    for run in config["runs"]:
+    for key in config.get("defaults", {}):
+        if key not in allowed:
+            raise ValueError(f"{path}: defaults: {key!r} is not a training option")
+    for run in runs:
         bad = set(run) - allowed - {"name", "seeds"}
         if "name" not in run or bad:
             raise ValueError(f"{path}: each run needs a 'name' and TrainConfig fields; bad keys {sorted(bad)}")
-        if "/" in run["name"]:
-            raise ValueError(f"{path}: run name {run['name']!r} may not contain '/'")
+        name = run["name"]
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise ValueError(f"{path}: run name {name!r} must be a plain folder name (no '/', not '.' or '..')")
+        _check_seeds(run.get("seeds", [0]), path, f"run {name}: seeds")
     return config
+
+
+def _check_seeds(seeds: object, path: Path, where: str) -> None:
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                            for s in seeds):
+        raise ValueError(f"{path}: {where} must be a non-empty list of integers, got {seeds!r}")
+
+
+def bench_recipes(config: dict, reference: str, out: Path) -> list[tuple[dict, int, TrainConfig]]:
+    """(run, seed, recipe) for every run x seed, each recipe validated (types and ranges) before any training."""
+    recipes = []
+    for run in config["runs"]:
+        for seed in run.get("seeds", config.get("seeds", [0])):
+            own = {k: v for k, v in run.items() if k not in ("name", "seeds")}
+            options = resolve_paths({**config.get("defaults", {}), **own}, out, seed)
+            recipe = TrainConfig(**{"benchmark": reference, **options, "seed": seed})
+            try:
+                recipe.validate()
+            except ValueError as exc:
+                raise ValueError(f"run {run['name']} (seed {seed}): {exc}") from None
+            recipes.append((run, seed, recipe))
+    return recipes
 
 
 def run_bench(config_path: Path, out: Path, quiet: bool = False, only: list[str] | None = None) -> dict:
@@ -85,24 +118,19 @@ def run_bench(config_path: Path, out: Path, quiet: bool = False, only: list[str]
     benchmark = get_benchmark(reference)
     parse_detector_spec(config.get("detectors", DEFAULT_DETECTORS))  # fail before any training
     evaluations = {}
-    for run in config["runs"]:
-        for seed in run.get("seeds", config.get("seeds", [0])):
-            own = {k: v for k, v in run.items() if k not in ("name", "seeds")}
-            options = resolve_paths({**config.get("defaults", {}), **own}, out, seed)
-            recipe = TrainConfig(**{"benchmark": reference, **options, "seed": seed})
-            method = f"{run['name']}-seed{seed}"
-            run_dir = out / run["name"] / f"seed{seed}"
-            tic = time.perf_counter()
-            model = train(recipe, run_dir, resume=True, quiet=quiet)
-            train_s = time.perf_counter() - tic
-            copy_sample_grids(recipe, out, prefix=f"{run['name']}-")  # the bench report shows them too
-            own = parse_detector_spec(with_recipe_detectors(config.get("detectors", DEFAULT_DETECTORS), recipe))
-            evaluation = evaluate(model, benchmark, own, method=method, tune=bool(config.get("tune", False)),
-                                  cache=OutputCache(), quiet=quiet,
-                                  train_subset=recipe.train_subset)
-            evaluation.timings["train_s"] = train_s
-            info = {**asdict(recipe), "history": model.history, "run": run["name"]}
-            evaluations[method] = (model, evaluation, info, str(run_dir / MODEL_CHECKPOINT))
+    for run, seed, recipe in bench_recipes(config, reference, out):
+        method = f"{run['name']}-seed{seed}"
+        run_dir = out / run["name"] / f"seed{seed}"
+        tic = time.perf_counter()
+        model = train(recipe, run_dir, resume=True, quiet=quiet)
+        train_s = time.perf_counter() - tic
+        copy_sample_grids(recipe, out, prefix=f"{run['name']}-")  # the bench report shows them too
+        own = parse_detector_spec(with_recipe_detectors(config.get("detectors", DEFAULT_DETECTORS), recipe))
+        evaluation = evaluate(model, benchmark, own, method=method, tune=bool(config.get("tune", False)),
+                              cache=OutputCache(), quiet=quiet, train_subset=recipe.train_subset)
+        evaluation.timings["train_s"] = train_s
+        info = {**asdict(recipe), "history": model.history, "run": run["name"]}
+        evaluations[method] = (model, evaluation, info, str(run_dir / MODEL_CHECKPOINT))
     payload, scores = run_payload(benchmark, evaluations)
     payload["bench_config"] = config
     save_run(out, payload, scores)

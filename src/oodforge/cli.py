@@ -143,6 +143,7 @@ def train(benchmark: str = typer.Option("fashion_mnist", help="Benchmark whose I
                          synthetic_id=synthetic_id, real_ratio=real_ratio, train_subset=train_subset,
                          accelerator=accelerator, devices=int(devices) if devices.isdigit() else devices,
                          num_nodes=num_nodes, strategy=strategy, precision=precision)
+    config.validate()
     detectors = with_recipe_detectors(detectors, config)
     parse_detector_spec(detectors)  # fail on a bad name or option before training
     bench = get_benchmark(benchmark)

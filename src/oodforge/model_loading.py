@@ -54,9 +54,13 @@ def external_config(backbone: str, weights: str | Path, benchmark: Benchmark) ->
                        mean=mean, std=std)
 
 
-def check_model_fits(model: nn.Module, benchmark: Benchmark) -> None:
-    """Refuse a model whose class count differs from the benchmark's."""
+def check_model_fits(model: nn.Module, benchmark: Benchmark, what: str = "the model") -> None:
+    """Refuse a model whose class count or input channels differ from the benchmark's."""
     classes = getattr(model, "num_classes", None)
     expected = benchmark.num_classes()
     if classes is not None and classes != expected:
-        raise ValueError(f"the model predicts {classes} classes but benchmark {benchmark.name!r} has {expected}")
+        raise ValueError(f"{what} predicts {classes} classes but benchmark {benchmark.name!r} has {expected}")
+    channels = getattr(getattr(model, "config", None), "in_channels", None)
+    if channels is not None and channels != benchmark.image_shape[2]:
+        raise ValueError(f"{what} takes {channels}-channel images but benchmark {benchmark.name!r} has "
+                         f"{benchmark.image_shape[2]}-channel images")

@@ -7,8 +7,9 @@ import math
 import random
 import shutil
 import time
+import typing
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from oodforge.features import OutputCache, loader_workers
 from oodforge.io import atomic_json, atomic_torch_save
 from oodforge.losses import LOSSES, LossInputs, create_loss
 from oodforge.losses.outlier_exposure import uniform_cross_entropy
+from oodforge.model_loading import check_model_fits
 from oodforge.models.classifier import (
     CheckpointError,
     Classifier,
@@ -36,6 +38,7 @@ from oodforge.models.classifier import (
     save_classifier,
 )
 from oodforge.progress import progress_bar
+from oodforge.validation import check_value
 
 LAST_CHECKPOINT = "last.ckpt"
 MODEL_CHECKPOINT = "model.ckpt"
@@ -70,6 +73,27 @@ class TrainConfig:
     strategy: str = "auto"
     precision: str = "32-true"
 
+    def validate(self) -> TrainConfig:
+        """Check every field's type and range at the door; one ValueError naming the field and value."""
+        hints = typing.get_type_hints(TrainConfig)
+        for item in fields(self):
+            setattr(self, item.name, check_value("training config", item.name, getattr(self, item.name),
+                                                 hints[item.name]))
+        checks = [("epochs", self.epochs >= (0 if self.init else 1), ">= 1 (0 only with init: score it as is)"),
+                  ("batch_size", self.batch_size >= 1, ">= 1"), ("lr", self.lr > 0, "> 0"),
+                  ("momentum", 0 <= self.momentum < 1, "in [0, 1)"), ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                  ("oe_weight", self.oe_weight >= 0, ">= 0"), ("real_ratio", 0 < self.real_ratio <= 1, "in (0, 1]"),
+                  ("train_subset", self.train_subset is None or self.train_subset >= 1, ">= 1"),
+                  ("outlier_batch_size", self.outlier_batch_size is None or self.outlier_batch_size >= 1, ">= 1"),
+                  ("num_nodes", self.num_nodes >= 1, ">= 1")]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"training config: {name} must be {rule}, got {getattr(self, name)!r}")
+        if isinstance(self.devices, str) and self.devices != "auto" and not self.devices.replace(",", "").isdigit():
+            raise ValueError(f"training config: devices must be a count, 'auto' or a list like '0,1', got "
+                             f"{self.devices!r}")
+        return self
+
 
 def recipe_detectors(config: TrainConfig) -> list[str]:
     """The scores a recipe is built for, added to whatever detectors a run asks for: ``cosine`` for a
@@ -94,6 +118,7 @@ def make_model(config: TrainConfig, benchmark: Benchmark) -> Classifier:
     if not config.init:
         return build_classifier(model_config)
     init = load_classifier(config.init, pretrained_config(model_config, config.init))
+    check_model_fits(init, benchmark, what=f"--init {config.init}")
     same_head = _same_head(init.config, model_config)
     model = build_classifier(init.config if same_head else _with_head(init.config, model_config))
     state = init.state_dict()
@@ -205,6 +230,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, quiet: 
     (as a kill would), which tests use to check resumption.
     """
     out_dir = Path(out_dir)
+    config.validate()
     fabric = Fabric(accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
                     strategy=config.strategy, precision=config.precision)
     fabric.launch()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import pickle
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from oodforge.registry import Registry
+from oodforge.validation import check_value
 
 
 @dataclass
@@ -46,7 +46,6 @@ class NotFittedError(RuntimeError):
 
 
 REQUIREMENTS = ("logits", "features", "train", "head", "gradients")
-SIMPLE_TYPES = (bool, int, float, str)
 
 
 class Detector:
@@ -93,13 +92,7 @@ class Detector:
         """Check every parameter's type (from the ``__init__`` annotations) and range (``_check``)."""
         hints = typing.get_type_hints(type(self).__init__) if type(self).__init__ is not object.__init__ else {}
         for name in self.param_names():
-            value = getattr(self, name)
-            allowed = _simple_types(hints.get(name))
-            if allowed and not _is_instance(value, allowed):
-                raise ValueError(f"{self._label()}: {name} must be {' or '.join(t.__name__ for t in allowed)}, "
-                                 f"got {value!r}")
-            if float in allowed and isinstance(value, int) and not isinstance(value, bool):
-                setattr(self, name, float(value))
+            setattr(self, name, check_value(self._label(), name, getattr(self, name), hints.get(name)))
         self._check()
         return self
 
@@ -194,22 +187,6 @@ class Detector:
         detector.model_ = model
         detector.fitted_ = True
         return detector
-
-
-def _simple_types(hint: object) -> tuple[type, ...]:
-    """The simple types a parameter annotation allows (``int | None`` -> (int, NoneType)); () if not simple."""
-    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    if not args or not all(a in SIMPLE_TYPES or a is type(None) for a in args):
-        return ()
-    return tuple(args)
-
-
-def _is_instance(value: object, allowed: tuple[type, ...]) -> bool:
-    if isinstance(value, bool):
-        return bool in allowed
-    if isinstance(value, int) and float in allowed:
-        return True
-    return isinstance(value, allowed)
 
 
 DETECTORS: Registry[Detector] = Registry("detector")
