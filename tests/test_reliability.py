@@ -156,3 +156,20 @@ def test_model_and_benchmark_are_checked_against_each_other(tmp_path) -> None:
     line = _one_error(runner.invoke(app, ["score", "--benchmark", "fashion_mnist", "--model",
                                           str(tmp_path / "rgb.ckpt"), "--out", str(tmp_path / "s"), "--quiet"]))
     assert "3-channel" in line and "1-channel" in line
+
+
+def test_yaml_alias_bomb_is_refused_before_anything_runs(tmp_path) -> None:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]"
+              for i in range(1, 9)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\ndescription: *a8\nruns: [{name: ce}]\n")
+    assert path.stat().st_size < 1000
+    out = tmp_path / "out"
+    line = _one_error(runner.invoke(app, ["bench", str(path), "--out", str(out), "--quiet"]))
+    assert "alias" in line and str(path) in line and not out.exists()
+    small = tmp_path / "ok.yaml"  # a few aliases, as configs use them, are fine
+    small.write_text("runs: [{name: a, epochs: &e 0}, {name: b, epochs: *e}]\n")
+    from oodforge.bench import load_bench_config
+
+    assert [r["epochs"] for r in load_bench_config(small)["runs"]] == [0, 0]

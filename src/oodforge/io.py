@@ -59,12 +59,40 @@ def atomic_npy(array: np.ndarray, path: str | Path) -> Path:
     return atomic_write(path, write)
 
 
+MAX_YAML_NODES = 100_000  # a config whose aliases expand to more values than this is refused (alias bomb)
+MAX_YAML_BYTES = 1 << 20
+
+
+def expanded_size(node: yaml.Node, memo: dict[int, int] | None = None) -> int:
+    """How many values a composed YAML node becomes once every alias is expanded (shared nodes counted once
+    per use, computed once)."""
+    memo = {} if memo is None else memo
+    if id(node) not in memo:
+        memo[id(node)] = 0  # a cycle counts as nothing more
+        if isinstance(node, yaml.SequenceNode):
+            size = 1 + sum(expanded_size(child, memo) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            size = 1 + sum(expanded_size(k, memo) + expanded_size(v, memo) for k, v in node.value)
+        else:
+            size = 1
+        memo[id(node)] = size
+    return memo[id(node)]
+
+
 def read_yaml_mapping(path: Path, what: str) -> dict:
-    """A YAML file that must hold a mapping; a missing file, bad YAML or another type is one clear error."""
+    """A YAML file that must hold a mapping; a missing file, bad YAML, an alias bomb or another type is one
+    clear error."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise ValueError(f"{path}: a {what} larger than {MAX_YAML_BYTES >> 20} MiB is refused")
+    text = path.read_text()
     try:
-        config = yaml.safe_load(path.read_text())
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None and expanded_size(node) > MAX_YAML_NODES:
+            raise ValueError(f"{path}: its aliases (*name) expand to more than {MAX_YAML_NODES:,} values; refused "
+                             "(a YAML alias bomb)")
+        config = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(config, dict):
