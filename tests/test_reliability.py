@@ -173,3 +173,12 @@ def test_yaml_alias_bomb_is_refused_before_anything_runs(tmp_path) -> None:
     from oodforge.bench import load_bench_config
 
     assert [r["epochs"] for r in load_bench_config(small)["runs"]] == [0, 0]
+
+
+def test_unknown_head_or_loss_option_is_one_line(tmp_path) -> None:
+    out = tmp_path / "run"
+    line = _one_error(runner.invoke(app, ["train", "--head-option", "foo=1", "--out", str(out), "--quiet"]))
+    assert "head 'linear' has no option 'foo'" in line and not out.exists()
+    line = _one_error(runner.invoke(app, ["train", "--loss", "ls", "--loss-option", "bogus=1", "--out", str(out),
+                                          "--quiet"]))
+    assert "loss 'ls' has no option 'bogus'; its options: eps" in line

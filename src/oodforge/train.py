@@ -37,6 +37,7 @@ from oodforge.models.classifier import (
     read_checkpoint,
     save_classifier,
 )
+from oodforge.models.heads import HEADS
 from oodforge.progress import progress_bar
 from oodforge.validation import check_value
 
@@ -89,10 +90,24 @@ class TrainConfig:
         for name, ok, rule in checks:
             if not ok:
                 raise ValueError(f"training config: {name} must be {rule}, got {getattr(self, name)!r}")
+        _check_options("head", HEADS, self.head, self.head_options, ("feature_dim", "num_classes"))
+        _check_options("loss", LOSSES, self.loss, self.loss_options, ("feature_dim", "num_classes"))
         if isinstance(self.devices, str) and self.devices != "auto" and not self.devices.replace(",", "").isdigit():
             raise ValueError(f"training config: devices must be a count, 'auto' or a list like '0,1', got "
                              f"{self.devices!r}")
         return self
+
+
+def _check_options(kind: str, registry, name: str, options: dict, supplied: tuple[str, ...]) -> None:
+    """Refuse an unknown head or loss, or an option its factory does not take (``--head-option foo=1``)."""
+    parameters = inspect.signature(registry.get(name)).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return
+    known = [p for p in parameters if p not in supplied and p != "self"]
+    for key in options:
+        if key not in known:
+            raise ValueError(f"training config: {kind} {name!r} has no option {key!r}; its options: "
+                             f"{', '.join(known) or 'none'}")
 
 
 def recipe_detectors(config: TrainConfig) -> list[str]:
