@@ -271,7 +271,19 @@ def test_relation_bank_is_a_seeded_subset(case):
     assert len(rows) == 100 and torch.equal(rows, rows.unique())
     expected = reference_relation(model, train, test, rows=rows.numpy())
     np.testing.assert_allclose(detector.score_outputs(test).numpy(), expected, rtol=1e-5, atol=1e-6)
-    assert len(Relation().fit(train, model).bank_indices_) == len(train)  # default 50,000 > 300 rows: all
+    assert len(Relation().fit(train, model).bank_indices_) == len(train)  # default 20,000 > 300 rows: all
+
+
+def test_relation_tiles_sum_to_the_untiled_score(case, monkeypatch):
+    """Tiles smaller than both sets (and not dividing them) give the reference score."""
+    import oodforge.detectors.relation as relation
+
+    model, train, test, _ = case
+    monkeypatch.setattr(relation, "QUERY_TILE", 7)
+    monkeypatch.setattr(relation, "BANK_TILE", 33)
+    detector = Relation(bank_size=None, power=2.0).fit(train, model)
+    expected = reference_relation(model, train, test, power=2.0)
+    np.testing.assert_allclose(detector.score_outputs(test).numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_she_class_without_correct_samples_uses_class_mean(case):

@@ -13,6 +13,7 @@ earlier run of the same bench, seed by seed: ``init: "{out}/ce/seed{seed}/model.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import asdict, fields
@@ -24,7 +25,7 @@ from rich.console import Console
 from oodforge.data.benchmarks import get_benchmark
 from oodforge.evaluate import evaluate, parse_detector_spec
 from oodforge.features import OutputCache
-from oodforge.io import atomic_json, atomic_write, read_yaml_mapping
+from oodforge.io import read_yaml_mapping
 from oodforge.runs import print_results, run_payload, save_run
 from oodforge.train import MODEL_CHECKPOINT, TrainConfig, copy_sample_grids, train, with_recipe_detectors
 
@@ -133,10 +134,9 @@ def run_bench(config_path: Path, out: Path, quiet: bool = False, only: list[str]
         evaluations[method] = (model, evaluation, info, str(run_dir / MODEL_CHECKPOINT))
     payload, scores = run_payload(benchmark, evaluations)
     payload["bench_config"] = config
-    save_run(out, payload, scores)
     summary = summarize(payload)
-    atomic_json(summary, out / "summary.json")
-    atomic_write(out / "summary.md", lambda tmp: tmp.write_text(summary_markdown(summary, payload)))
+    save_run(out, payload, scores, extra={"summary.json": json.dumps(summary, indent=2) + "\n",
+                                          "summary.md": summary_markdown(summary, payload)})
     print_results(payload, Console())
     Console().print(summary_markdown(summary, payload))
     return payload

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -19,17 +20,21 @@ DEFAULT_DETECTORS = "msp,maxlogit,energy,odin"
 
 
 def _fail_cleanly(command: Callable) -> Callable:
-    """Turn expected errors (bad input, missing data, corrupt files) into one line and exit code 2."""
+    """Turn expected errors (bad input, missing data, corrupt files, a folder or disk that cannot be
+    written) into one line and exit code 2; oodforge's own warnings are one ``warning:`` line each."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         from oodforge.data.datasets import CorruptImageError, DatasetNotFoundError
+        from oodforge.data.synthetic import SyntheticSetError
         from oodforge.models.classifier import CheckpointError
 
         try:
-            return command(*args, **kwargs)
-        except (DatasetNotFoundError, CorruptImageError, CheckpointError, FileNotFoundError, KeyError,
-                ValueError, FloatingPointError) as exc:
+            with warnings.catch_warnings():
+                warnings.showwarning = _one_line_warnings(warnings.showwarning)
+                return command(*args, **kwargs)
+        except (DatasetNotFoundError, CorruptImageError, CheckpointError, SyntheticSetError, FileNotFoundError,
+                KeyError, ValueError, FloatingPointError, OSError) as exc:
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
             if message.startswith("Caught "):  # raised in a DataLoader worker: keep the original message
                 message = message.strip().splitlines()[-1].split(": ", 1)[-1]
@@ -37,6 +42,21 @@ def _fail_cleanly(command: Callable) -> Callable:
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+def _one_line_warnings(show: Callable) -> Callable:
+    """A ``warnings.showwarning`` that prints warnings raised from oodforge as ``warning: <message>``."""
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning) and str(Path(filename).resolve()).startswith(PACKAGE_DIR):
+            console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return show_warning
 
 
 def _options(pairs: list[str] | None, what: str) -> dict:
@@ -98,10 +118,15 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="Output folder."),
     from oodforge.data.benchmarks import get_benchmark
     from oodforge.train import MODEL_CHECKPOINT, TrainConfig
     from oodforge.train import train as run_training
+    from oodforge.validation import check_output_folder
 
+    check_output_folder(out, "--out")
+    bench, skipped = get_benchmark("fashion_mnist").without_missing_ood()  # a missing OOD set: warn, go on
+    for message in skipped:
+        console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
     config = TrainConfig(benchmark="fashion_mnist", epochs=epochs, lr=0.05)
     model = run_training(config, out, resume=True, quiet=quiet)
-    _evaluate_and_save(model, get_benchmark("fashion_mnist"), detectors, out,
+    _evaluate_and_save(model, bench, detectors, out,
                        {**asdict(config), "history": model.history}, str(out / MODEL_CHECKPOINT), 500, quiet, True)
 
 
@@ -134,7 +159,9 @@ def train(benchmark: str = typer.Option("fashion_mnist", help="Benchmark whose I
     from oodforge.evaluate import parse_detector_spec
     from oodforge.train import MODEL_CHECKPOINT, TrainConfig, with_recipe_detectors
     from oodforge.train import train as run_training
+    from oodforge.validation import check_output_folder
 
+    check_output_folder(out, "--out")
     config = TrainConfig(benchmark=benchmark, backbone=backbone, head=head,
                          head_options=_options(head_option, "head option"),
                          loss=loss, loss_options=_options(loss_option, "loss option"), epochs=epochs,
@@ -172,7 +199,9 @@ def score(benchmark: str = typer.Option(..., help="Benchmark: a registered name 
     from oodforge.data.benchmarks import get_benchmark
     from oodforge.evaluate import parse_detector_spec
     from oodforge.model_loading import load_model
+    from oodforge.validation import check_output_folder
 
+    check_output_folder(out, "--out")
     parse_detector_spec(detectors)
     bench = get_benchmark(benchmark)
     classifier, checkpoint = load_model(model, weights, bench, head=model_head)
@@ -191,7 +220,9 @@ def bench(config: Path = typer.Argument(..., help="YAML file: benchmark, detecto
           quiet: bool = typer.Option(False, "--quiet")) -> None:
     """Train and score several recipes (and seeds) from a config file into one results.json + report."""
     from oodforge.bench import run_bench
+    from oodforge.validation import check_output_folder
 
+    check_output_folder(out, "--out")
     run_bench(config, out, quiet=quiet, only=runs.split(",") if runs else None)
 
 

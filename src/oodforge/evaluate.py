@@ -28,7 +28,6 @@ from oodforge.features import (
     model_device,
     split_batch,
 )
-from oodforge.io import atomic_json, atomic_npz
 from oodforge.metrics import accuracy, ood_metrics
 from oodforge.progress import progress_bar
 from oodforge.results import OODResults
@@ -255,12 +254,6 @@ def results_table(scores: dict[str, np.ndarray], id_name: str, groups: dict[str,
 def feature_diagnostics(outputs: ModelOutputs) -> dict[str, float]:
     """Uniformity and tolerance of the L2-normalized ID test features (design.md §3)."""
     return {"uniformity": uniformity(outputs.features), "tolerance": tolerance(outputs.features, outputs.labels)}
-
-
-def write_run(out_dir: Path, payload: dict, scores: dict[str, np.ndarray]) -> None:
-    """Write ``results.json`` and ``scores.npz`` atomically into ``out_dir``."""
-    atomic_npz(scores, out_dir / "scores.npz")
-    atomic_json(payload, out_dir / "results.json")
 
 
 def mean_auroc(results: list[dict], detector: str, group: str, method: str | None = None) -> float:

@@ -25,6 +25,7 @@ from oodforge.data.datasets import cache_root
 from oodforge.data.imageset import ImageSet
 from oodforge.data.streaming import FileImageSet
 from oodforge.detectors.base import ModelOutputs, classifier_view, features_and_logits
+from oodforge.io import partial_path, remove_stale_temp_files
 from oodforge.progress import progress_bar
 
 Data = DataLoader | Dataset | Tensor
@@ -140,12 +141,15 @@ def compute_outputs(model: nn.Module, images: Images, device: torch.device | str
     there batch by batch as ``.npy`` files and return them memory-mapped."""
     model = as_classifier(model)
     batches = forward_batches(model, image_loader(images, batch_size), device, quiet, f"forward {images.name}")
-    if folder is None:
-        return ModelOutputs.cat([ModelOutputs(logits, features, y) for features, logits, y in batches])
-    writer = OutputWriter(folder, len(images))
-    for features, logits, y in batches:
-        writer.add(features, logits, y)
-    return writer.finish()
+    try:
+        if folder is None:
+            return ModelOutputs.cat([ModelOutputs(logits, features, y) for features, logits, y in batches])
+        writer = OutputWriter(folder, len(images))
+        for features, logits, y in batches:
+            writer.add(features, logits, y)
+        return writer.finish()
+    finally:  # a failed write (full disk) must not leave the generator, and inference mode, open
+        batches.close()
 
 
 class OutputWriter:
@@ -191,7 +195,8 @@ def read_outputs(folder: Path) -> ModelOutputs:
 class OutputCache:
     """Outputs stored under ``<cache>/outputs/<model hash>/<dataset>-<hash>/`` and reused by every detector.
 
-    A failed write (full disk, read-only cache) warns and goes on without the cache.
+    A failed write (full disk, read-only cache) warns and goes on without the cache. Partial entries
+    that a killed process left in a model's folder are removed before a new entry is written.
     """
 
     def __init__(self, folder: Path | None = None, enabled: bool = True) -> None:
@@ -209,7 +214,8 @@ class OutputCache:
                 return read_outputs(entry)
             except (OSError, ValueError):  # a damaged entry is recomputed
                 shutil.rmtree(entry, ignore_errors=True)
-        partial = entry.with_name(f".{entry.name}.{os.getpid()}.partial")
+        partial = partial_path(entry)
+        remove_stale_temp_files(entry.parent)  # partial folders a killed run left behind
         try:
             compute_outputs(model, images, device, batch_size, quiet, folder=partial)
             shutil.rmtree(entry, ignore_errors=True)

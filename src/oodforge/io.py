@@ -1,10 +1,19 @@
-"""Atomic file writes: a crash never leaves a half-written result, checkpoint or cache file."""
+"""Atomic file writes: a crash never leaves a half-written result, checkpoint or cache file.
+
+Temporary files carry the host and process id (``.<name>.tmp-<host>-<pid>-<random>``), so the ones a
+killed process left behind can be told from a live writer's and removed (``remove_stale_temp_files``).
+Written files get the usual permissions (``0o666`` less the umask), not ``mkstemp``'s ``0o600``.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,20 +22,149 @@ import numpy as np
 import torch
 import yaml
 
+STALE_AFTER_S = 24 * 3600  # temp files of another host (or of an unknown writer) older than this are removed
+
+
+class WriteError(OSError):
+    """A file that could not be written (full disk, read-only folder, ...); one line naming the file."""
+
+    def __init__(self, path: str | Path, reason: str, errno_: int | None = None) -> None:
+        super().__init__(f"cannot write {path}: {reason}")
+        self.message = f"cannot write {path}: {reason}"
+        self.errno = errno_
+        self.path = str(path)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def host_tag() -> str:
+    """This machine's host name, reduced to letters, digits, ``_`` and ``-`` and 40 characters (used in
+    temp names)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
+
+
+def process_tag() -> str:
+    """``<host>-<pid>`` of this process, carried by its temporary files and folders."""
+    return f"{host_tag()}-{os.getpid()}"
+
+
+def partial_path(target: Path) -> Path:
+    """The folder beside ``target`` that this process fills before renaming it to ``target``."""
+    return target.with_name(f".{target.name}.{process_tag()}.partial")
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where ``/proc`` allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _reason(exc: BaseException) -> str:
+    """One line saying why a write failed."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if isinstance(exc, RuntimeError) and ("unexpected pos" in text or "write failed" in text):
+        text += " (is the disk full?)"  # what torch.save says on a full disk
+    return text
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    Any failure (an ``OSError``, or the ``RuntimeError`` torch.save raises on a full disk) becomes a
+    ``WriteError`` naming ``path``; the temporary file is removed.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{process_tag()}-", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
+    except WriteError:
+        raise
+    except (OSError, RuntimeError) as exc:
+        raise WriteError(path, _reason(exc), getattr(exc, "errno", None)) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
     return path
+
+
+TEMP_FILE = re.compile(r"^\..+\.tmp-(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
+PARTIAL_FOLDER = re.compile(r"^\..+\.(?:(?P<host>[A-Za-z0-9_-]+)-)?(?P<pid>\d+)\.partial$")
+OLD_TEMP_FILE = re.compile(r"^\..+\.tmp$")  # written before temp names carried host and pid
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (True when that cannot be told)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # exists (another user's), or not a pid this system knows: leave it alone
+    return True
+
+
+def _temp_owner(name: str) -> tuple[bool, str | None, int | None]:
+    """(whether ``name`` is a temp file or partial folder, its host or None, its pid or None)."""
+    for pattern in (TEMP_FILE, PARTIAL_FOLDER):
+        match = pattern.match(name)
+        if match:
+            return True, match.group("host"), int(match.group("pid"))
+    return bool(OLD_TEMP_FILE.match(name)), None, None
+
+
+def remove_stale_temp_files(folder: str | Path, max_age_s: float = STALE_AFTER_S) -> list[Path]:
+    """Delete the temp files and ``.partial`` folders in ``folder`` (not below it) that a killed process left.
+
+    Removed: those of a process of this host that no longer runs, and those older than ``max_age_s``
+    from another host (or whose writer is not named). A live process's files are never touched. Returns
+    the removed paths; a folder that does not exist, or an entry that cannot be removed, is passed over.
+    """
+    folder = Path(folder)
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return []
+    removed, here, now = [], host_tag(), time.time()
+    for entry in entries:
+        is_temp, host, pid = _temp_owner(entry.name)
+        if not is_temp:
+            continue
+        try:
+            if host == here and pid is not None:
+                stale = not process_alive(pid)
+            else:
+                stale = now - entry.lstat().st_mtime > max_age_s
+            if not stale:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry)
+        except OSError:
+            continue
+    return removed
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:

@@ -25,8 +25,9 @@ from matplotlib.figure import Figure
 from sklearn.metrics import auc, roc_curve
 
 from oodforge.io import atomic_write
+from oodforge.run_folder import finish_pending, scores_digest
 
-__all__ = ["load_run", "write_report"]
+__all__ = ["load_run", "report_html", "write_report"]
 
 GROUPS = ("near", "far")
 METRICS = (("auroc", "AUROC", "max"), ("aupr_in", "AUPR-In", "max"), ("aupr_out", "AUPR-Out", "max"),
@@ -54,7 +55,16 @@ def load_run(run_dir: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    return _read_results(run_dir / "results.json"), _read_scores(run_dir / "scores.npz")
+    try:
+        finish_pending(run_dir)  # a write that a kill interrupted: finish it (committed) or drop it
+    except OSError:
+        pass  # a read-only copy of a run: read what is there
+    results, scores = _read_results(run_dir / "results.json"), _read_scores(run_dir / "scores.npz")
+    expected = results.get("scores_sha256")
+    if expected is not None and expected != scores_digest(scores):
+        raise ValueError(f"{run_dir / 'scores.npz'} does not belong to {run_dir / 'results.json'} (its scores_sha256 "
+                         "differs): the two files come from different runs; score the run again")
+    return results, scores
 
 
 def _read_results(path: Path) -> dict:
@@ -474,12 +484,17 @@ def _render(run: _Run, run_dir: Path, title: str) -> str:
 def write_report(run_dir: str | Path, title: str | None = None) -> Path:
     """Write the self-contained ``run_dir/report.html`` (atomically) and return its path."""
     run_dir = Path(run_dir)
-    results, scores = load_run(run_dir)
-    run = _parse_run(results, scores)
+    page = report_html(*load_run(run_dir), run_dir, title)
+    return atomic_write(run_dir / "report.html", lambda tmp: tmp.write_text(page, encoding="utf-8"))
+
+
+def report_html(results: dict, scores: dict[str, np.ndarray], run_dir: str | Path, title: str | None = None) -> str:
+    """The report page of a run's results and scores (extra figures from ``run_dir/figures``)."""
+    _validate_results(results, Path(run_dir) / "results.json")
+    run = _parse_run(results, {k: np.asarray(v, dtype=np.float64).ravel() for k, v in scores.items()})
     if title is None:
         title = f"oodforge report: {results.get('benchmark') or run.id_dataset}"
-    page = _render(run, run_dir, title)
-    return atomic_write(run_dir / "report.html", lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    return _render(run, Path(run_dir), title)
 
 
 _CSS = """

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +12,8 @@ from rich.table import Table
 from torch import nn
 
 from oodforge.data.benchmarks import Benchmark
-from oodforge.evaluate import Evaluation, mean_auroc, write_run
-from oodforge.io import atomic_write
+from oodforge.evaluate import Evaluation, mean_auroc
+from oodforge.run_folder import scores_digest, write_together
 
 
 def model_summary(model: nn.Module, evaluation: Evaluation, checkpoint: str | None = None) -> dict:
@@ -54,14 +56,29 @@ def run_payload(benchmark: Benchmark, evaluations: dict[str, tuple[nn.Module, Ev
     return payload, scores
 
 
-def save_run(out_dir: Path, payload: dict, scores: dict[str, np.ndarray], report: bool = True) -> None:
-    """Write the run files and (by default) the HTML report."""
-    write_run(out_dir, payload, scores)
-    atomic_write(out_dir / "results.md", lambda tmp: tmp.write_text(results_markdown(payload)))
+def save_run(out_dir: Path, payload: dict, scores: dict[str, np.ndarray], report: bool = True,
+             extra: dict[str, str] | None = None) -> None:
+    """Write results.json, scores.npz, results.md, (by default) report.html and ``extra`` text files
+    (name -> content) so that they change together (``oodforge.run_folder``)."""
+    payload = {**payload, "scores_sha256": scores_digest(scores)}
+    texts = {"results.json": json.dumps(payload, indent=2) + "\n", "results.md": results_markdown(payload),
+             **(extra or {})}
     if report:
-        from oodforge.report import write_report
+        from oodforge.report import report_html
 
-        write_report(out_dir)
+        texts["report.html"] = report_html(payload, scores, out_dir)
+
+    def write_scores(path: Path) -> None:
+        with open(path, "wb") as handle:
+            np.savez(handle, **scores)
+
+    writers = {"scores.npz": write_scores} | {name: functools.partial(_write_text, text=text)
+                                             for name, text in texts.items()}
+    write_together(out_dir, writers)
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
 
 
 def print_results(payload: dict, console: Console | None = None) -> None:

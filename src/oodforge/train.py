@@ -23,7 +23,7 @@ from oodforge.data.datasets import load_dataset, overlaps
 from oodforge.data.imageset import ImageSet
 from oodforge.data.sampling import MixedBatchSampler
 from oodforge.features import OutputCache, loader_workers
-from oodforge.io import atomic_json, atomic_torch_save
+from oodforge.io import atomic_json, atomic_torch_save, remove_stale_temp_files
 from oodforge.losses import LOSSES, LossInputs, create_loss
 from oodforge.losses.outlier_exposure import uniform_cross_entropy
 from oodforge.model_loading import check_model_fits
@@ -246,6 +246,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, quiet: 
     """
     out_dir = Path(out_dir)
     config.validate()
+    remove_stale_temp_files(out_dir)  # e.g. a .last.ckpt temp file of a killed run
     fabric = Fabric(accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
                     strategy=config.strategy, precision=config.precision)
     fabric.launch()

@@ -1,9 +1,13 @@
-"""Checking option values against their type annotations, for detectors and training recipes alike."""
+"""Checking option values against their type annotations, for detectors and training recipes alike, and
+output folders before anything runs."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 import types
 import typing
+from pathlib import Path
 
 SIMPLE_TYPES = (bool, int, float, str, dict, list)
 
@@ -35,3 +39,31 @@ def check_value(owner: str, name: str, value: object, hint: object) -> object:
     if float in allowed and isinstance(value, int) and not isinstance(value, bool) and int not in allowed:
         return float(value)
     return value
+
+
+def check_output_folder(path: str | Path, flag: str = "--out") -> Path:
+    """Refuse an output folder that cannot be written, before any training or forward pass.
+
+    An existing file is refused; otherwise the folder is made (parents too) and a temporary file is
+    created and deleted in it. Folders made here are removed again, so a run refused later leaves
+    nothing behind. Any ``OSError`` becomes a ``ValueError`` naming ``flag``, the path and the reason.
+    """
+    path = Path(path)
+    made: list[Path] = []
+    try:
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{flag} {path} is a file, not a folder")
+        made = [p for p in (path, *path.parents) if not p.exists() and not p.is_symlink()]
+        path.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".oodforge-write-check-", dir=path)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from None
+    finally:
+        for folder in made:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+    return path

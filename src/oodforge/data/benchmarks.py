@@ -10,7 +10,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from oodforge.data.datasets import load_dataset, overlaps
+from oodforge.data.datasets import DatasetNotFoundError, load_dataset, overlaps
 from oodforge.data.imageset import ImageSet, balanced_index
 from oodforge.data.streaming import FileImageSet
 from oodforge.registry import Registry
@@ -76,6 +76,33 @@ class Benchmark:
         images = load_dataset(self.spec(name), "test", root, image_shape=self.image_shape, streaming=self.streaming,
                               resize=self.resize)
         return adapt(images, self.image_shape, self.resize)
+
+    def without_missing_ood(self, root: str | Path | None = None) -> tuple[Benchmark, list[str]]:
+        """(this benchmark without the OOD test sets whose files are missing, one message per set dropped).
+
+        Each OOD set is loaded once to find out. Validation OOD sets drawn from a dropped set's dataset
+        are dropped too. When every OOD set is missing, the first one's ``DatasetNotFoundError`` is raised.
+        """
+        missing: dict[str, DatasetNotFoundError] = {}
+        for name in self.ood:
+            try:
+                self.ood_set(name, root)
+            except DatasetNotFoundError as exc:
+                missing[name] = exc
+        if not missing:
+            return self, []
+        if len(missing) == len(self.ood):
+            raise next(iter(missing.values()))
+        messages = [f"OOD set {name!r} skipped: {exc}" for name, exc in missing.items()]
+        gone = {self.spec(name) for name in missing}
+        val_ood = {}
+        for name, entry in self.val.get("ood", {}).items():
+            if entry["data"] in gone:
+                messages.append(f"validation OOD set {name!r} skipped: its dataset {entry['data']!r} is missing")
+            else:
+                val_ood[name] = entry
+        val = {**self.val, "ood": val_ood} if "ood" in self.val else self.val
+        return replace(self, ood={n: g for n, g in self.ood.items() if n not in missing}, val=val), messages
 
     def split_train(self, root: str | Path | None = None) -> tuple[Images, Images]:
         """(images to fit detectors on, ID validation images): a separate ``val.id`` set, or a

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tarfile
+import warnings
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -24,7 +25,7 @@ from torchvision.datasets.mnist import read_image_file, read_label_file
 from oodforge.data.decoding import CorruptImageError, decode_fitted, decode_image
 from oodforge.data.imageset import ImageSet
 from oodforge.data.streaming import FileImageSet, unpack_tar
-from oodforge.io import atomic_json, atomic_npy
+from oodforge.io import atomic_json, atomic_npy, remove_stale_temp_files
 from oodforge.registry import Registry
 
 DATASETS: Registry[ImageSet] = Registry("dataset")
@@ -150,7 +151,8 @@ def cached_arrays(key: str, source: Path, build: Callable[[], tuple[np.ndarray, 
                   ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Return (images, labels, classes) from the cache, building and saving them on a miss.
 
-    The cache entry is keyed by ``key`` and the source's size and modification time.
+    The cache entry is keyed by ``key`` and the source's size and modification time. A cache that
+    cannot be written (full disk, read-only) warns and the built arrays are returned all the same.
     """
     folder = cache_root() / "datasets" / f"{key}-{_source_stamp(source)}"
     files = folder / "images.npy", folder / "labels.npy", folder / "classes.json"
@@ -160,9 +162,13 @@ def cached_arrays(key: str, source: Path, build: Callable[[], tuple[np.ndarray, 
         except (OSError, ValueError):
             pass  # a damaged cache entry is rebuilt below
     images, labels, classes = build()
-    atomic_npy(images, files[0])
-    atomic_npy(labels, files[1])
-    atomic_json(classes, files[2])
+    remove_stale_temp_files(folder)
+    try:
+        atomic_npy(images, files[0])
+        atomic_npy(labels, files[1])
+        atomic_json(classes, files[2])
+    except OSError as exc:  # full disk, read-only cache: the arrays are built, go on without the cache
+        warnings.warn(f"dataset cache {folder} not written ({exc}); going on without it", stacklevel=2)
     return images, labels, classes
 
 
@@ -410,7 +416,10 @@ def _noise(name: str, split: str, image_shape: Shape, draw: Callable[[np.random.
     shape = image_shape or (32, 32, 3)
     rng = np.random.default_rng(0 if split == "test" else 1)
     pixels = draw(rng, (NOISE_SIZE, *shape))
-    images = np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
+    pixels *= 255.0  # in place: the same values as np.clip(np.rint(pixels * 255), 0, 255), without copies
+    np.rint(pixels, out=pixels)
+    np.clip(pixels, 0, 255, out=pixels)
+    images = pixels.astype(np.uint8)
     return ImageSet(name, images, np.full(NOISE_SIZE, -1, np.int64))
 
 

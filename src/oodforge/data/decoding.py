@@ -22,6 +22,9 @@ def decode_pil(data: bytes, source: str) -> Image.Image:
                 scaled = np.clip(np.rint(wide / (257.0 if wide.max() <= 65535 else 16843009.0)), 0, 255)
                 return Image.fromarray(scaled.astype(np.uint8), "L")
             return image.convert("L" if image.mode in ("L", "1", "LA") else "RGB")
+    except Image.DecompressionBombError as exc:  # not an OSError: would otherwise escape unnamed
+        raise CorruptImageError(f"cannot decode image {source}: it is larger than PIL's size limit "
+                                f"({str(exc).rstrip('.')})") from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise CorruptImageError(f"cannot decode image {source}: {exc}") from exc
 

@@ -10,12 +10,18 @@ Layout of a synthetic set folder::
                     count, classes, image_shape, extras, created_by, ...
     grid.png        a few images per class (ID sets) or per class pair (interpolated sets)
 
-``manifest.json`` is written last, so a folder without it is an unfinished write.
+``manifest.json`` is written last, so a folder without it is an unfinished write. A new set is written into
+a hidden folder beside the target (``.<name>.new-<pid>-*``) and swapped in whole, so re-sampling into an
+existing set never loses it: a kill leaves either the earlier set or the new one (``recover_synthetic``).
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -25,7 +31,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from oodforge.data.imageset import ImageSet
-from oodforge.io import atomic_json, atomic_npy, atomic_write
+from oodforge.io import atomic_json, atomic_write, current_umask, process_alive
 
 FORMAT = "oodforge-synthetic"
 KINDS = ("id", "interpolated")
@@ -63,30 +69,81 @@ def write_synthetic(
         raise ValueError(f"manifest['kind'] must be one of {KINDS}, got {kind!r}")
     extra = dict(extra or {})
     _check_extra(extra, len(images), str(folder))
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / MANIFEST).unlink(missing_ok=True)
-    atomic_npy(np.ascontiguousarray(images.images, dtype=np.uint8), folder / "images.npy")
-    atomic_npy(np.asarray(images.labels, dtype=np.int64), folder / "labels.npy")
-    for key, array in extra.items():
-        atomic_npy(np.asarray(array), folder / f"{key}.npy")
-    if grid:
-        sample_grid(images, folder / GRID, pairs=extra.get("pairs"), alphas=extra.get("alphas"))
-    full = {
-        **manifest,
-        "format": FORMAT,
-        "count": len(images),
-        "classes": list(images.classes),
-        "image_shape": list(images.image_shape),
-        "extras": sorted(extra),
-        "created_by": f"oodforge {_version()}",
-    }
-    atomic_json(full, folder / MANIFEST)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file, not a synthetic set folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    recover_synthetic(folder)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.new-{os.getpid()}-", dir=folder.parent))
+    try:
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700; a set folder follows the umask
+        np.save(staging / "images.npy", np.ascontiguousarray(images.images, dtype=np.uint8))
+        np.save(staging / "labels.npy", np.asarray(images.labels, dtype=np.int64))
+        for key, array in extra.items():
+            np.save(staging / f"{key}.npy", np.asarray(array))
+        if grid:
+            sample_grid(images, staging / GRID, pairs=extra.get("pairs"), alphas=extra.get("alphas"))
+        full = {
+            **manifest,
+            "format": FORMAT,
+            "count": len(images),
+            "classes": list(images.classes),
+            "image_shape": list(images.image_shape),
+            "extras": sorted(extra),
+            "created_by": f"oodforge {_version()}",
+        }
+        atomic_json(full, staging / MANIFEST)  # last: a staging folder with a manifest is complete
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _swap_in(staging, folder)
     return folder
+
+
+def _swap_in(staging: Path, folder: Path) -> None:
+    """Put the complete set ``staging`` at ``folder``; the earlier set stays until the new one is in place."""
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}-{staging.name.rsplit('-', 1)[-1]}")
+        os.rename(folder, old)  # a kill here: recover_synthetic moves the complete new set in
+        os.rename(staging, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(staging, folder)
+
+
+def recover_synthetic(folder: str | Path) -> None:
+    """Finish or undo a ``write_synthetic`` that a kill interrupted, so ``folder`` holds one whole set.
+
+    A missing ``folder`` gets the newest complete new set (with a manifest) or else the earlier set back;
+    leftover earlier sets are deleted once ``folder`` exists, as are unfinished new sets of dead writers.
+    """
+    folder = Path(folder)
+    parent = folder.parent
+    if not parent.is_dir():
+        return
+    new = sorted(parent.glob(f".{glob.escape(folder.name)}.new-*"), key=lambda p: p.stat().st_mtime)
+    old = sorted(parent.glob(f".{glob.escape(folder.name)}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not folder.exists():
+        complete = [p for p in new if (p / MANIFEST).is_file()]
+        if complete:
+            os.rename(complete[-1], folder)
+        elif old:
+            os.rename(old[-1], folder)
+    for leftover in old:
+        if leftover.exists():
+            shutil.rmtree(leftover, ignore_errors=True)
+    for unfinished in new:
+        pid = unfinished.name.rsplit(".new-", 1)[-1].split("-", 1)[0]
+        if unfinished.exists() and pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(unfinished, ignore_errors=True)
 
 
 def load_synthetic(path: str | Path) -> SyntheticSet:
     """Read a folder written by ``write_synthetic``; any problem raises ``SyntheticSetError`` naming it."""
     folder = Path(path)
+    try:
+        recover_synthetic(folder)  # a re-sampling that a kill interrupted
+    except OSError:
+        pass  # a read-only location: read what is there
     if not folder.is_dir():
         raise SyntheticSetError(f"synthetic set folder not found: {folder}")
     manifest = _read_manifest(folder)

@@ -11,7 +11,7 @@ from torch import Tensor
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
 from oodforge.detectors.nnguide import sample_rows
 
-KERNEL_ELEMENTS = 1 << 22  # query-bank pairs per block (16 MiB of float32: stays in cache)
+QUERY_TILE, BANK_TILE = 256, 4096  # one kernel tile: 4 MiB of float32, so it stays in cache (2x faster)
 
 
 @DETECTORS.register("relation")
@@ -26,19 +26,22 @@ class Relation(Detector):
     (NeurIPS 2023, arXiv:2301.12321), the official code github.com/snu-mllab/Neural-Relation-Graph
     (relation.py: kernel ``cos_p``, thres = 0.03; README: ``--pow 1`` for OOD detection) and OpenOOD
     v1.5's openood/postprocessors/relation_postprocessor.py with configs/postprocessors/relation.yml
-    (pow = 1, swept over 1, 2, 4, 6, 8). Both use the whole training set as the bank; here the bank is
-    a seeded random subset of ``bank_size`` training samples (all of them when the training set is
-    smaller, or when ``bank_size`` is None), kept as float32 normalized features and probabilities
-    (gathered ``chunk_rows`` rows at a time; indices in ``bank_indices_``), so that a large training set
-    (1.28M ImageNet rows) is never copied whole; the official code offers a strided ``--hop`` subsample
-    for the same reason.
+    (pow = 1, swept over 1, 2, 4, 6, 8). Both use the whole training set as the bank; here, by default, the
+    bank is a seeded random subset of ``bank_size`` = 20,000 training samples (all of them when the training
+    set is smaller; the whole set with ``bank_size=None``), so that scoring stays cheap next to the forward
+    passes: on CIFAR-10 (ResNet-20, 50,000 training images) the full bank costs 4.2 s per 41,200 queries on
+    one thread and 20,000 samples 1.7 s, with AUROCs within 0.5 points of the full bank (two seeds; README).
+    The official code offers a strided ``--hop`` subsample for the same reason. The bank is kept as
+    float32 normalized features and probabilities (gathered ``chunk_rows`` rows at a time; indices in
+    ``bank_indices_``), so that a large training set (1.28M ImageNet rows) is never copied whole. Queries
+    meet the bank in tiles of QUERY_TILE x BANK_TILE, small enough to stay in cache.
     """
 
     requires: ClassVar[tuple[str, ...]] = ("logits", "features", "train")
     search_space: ClassVar[dict[str, list]] = {"power": [1.0, 2.0, 4.0, 6.0, 8.0]}
     needs_fit: ClassVar[bool] = True
 
-    def __init__(self, power: float = 1.0, threshold: float = 0.03, bank_size: int | None = 50000, seed: int = 0,
+    def __init__(self, power: float = 1.0, threshold: float = 0.03, bank_size: int | None = 20000, seed: int = 0,
                  chunk_rows: int = 16384) -> None:
         self.power = power
         self.threshold = threshold
@@ -79,15 +82,25 @@ class Relation(Detector):
                              f"{tuple(features.shape)} and {tuple(logits.shape)}")
         device = features.device
         bank_features, bank_probabilities = self.bank_features_.to(device), self.bank_probabilities_.to(device)
-        block = max(1, min(self.chunk_rows, KERNEL_ELEMENTS // len(bank_features)))
+        bank_tiles = [slice(start, min(start + BANK_TILE, len(bank_features)))
+                      for start in range(0, len(bank_features), BANK_TILE)]
+        width = min(BANK_TILE, len(bank_features))
+        cosines, products = (torch.empty(min(QUERY_TILE, len(features)) * width, device=device) for _ in range(2))
         parts = []
-        for start in range(0, len(features), block):
-            queries = F.normalize(features[start:start + block].to(torch.float64), dim=1).float()
-            probabilities = torch.softmax(logits[start:start + block].to(device, torch.float64), dim=1).float()
-            kernel = (queries @ bank_features.T).mul_(probabilities @ bank_probabilities.T)  # cos * (p . p_j)
-            F.threshold_(kernel, self.threshold, 0.0)  # in place; threshold >= 0 also drops negative cosines
-            if self.power != 1.0:
-                kernel.pow_(self.power)
-            parts.append(kernel.sum(dim=1, dtype=torch.float64))
+        for start in range(0, len(features), QUERY_TILE):
+            queries = F.normalize(features[start:start + QUERY_TILE].to(torch.float64), dim=1).float()
+            probabilities = torch.softmax(logits[start:start + QUERY_TILE].to(device, torch.float64), dim=1).float()
+            total = torch.zeros(len(queries), dtype=torch.float64, device=device)
+            for tile in bank_tiles:
+                size = len(queries) * (tile.stop - tile.start)  # contiguous views of the reused buffers
+                kernel, product = (b[:size].view(len(queries), -1) for b in (cosines, products))
+                torch.mm(queries, bank_features[tile].T, out=kernel)
+                torch.mm(probabilities, bank_probabilities[tile].T, out=product)
+                kernel.mul_(product)  # cos * (p . p_j)
+                F.threshold_(kernel, self.threshold, 0.0)  # in place; threshold >= 0 also drops negative cosines
+                if self.power != 1.0:
+                    kernel.pow_(self.power)
+                total += kernel.sum(dim=1)  # float32 within a tile of BANK_TILE, float64 across tiles
+            parts.append(total)
         scores = torch.cat(parts) if parts else features.new_zeros(0, dtype=torch.float64)
         return scores.float()

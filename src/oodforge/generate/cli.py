@@ -26,7 +26,9 @@ def train_generator(dataset: str = typer.Option("fashion_mnist", help="Registere
 
     from oodforge.data.datasets import load_dataset
     from oodforge.generate.diffusion import preset_for, train_diffusion
+    from oodforge.validation import check_output_folder
 
+    check_output_folder(out, "--out")
     images = load_dataset(dataset, "train")
     if subset:
         images = images.balanced_head(subset)
@@ -51,7 +53,11 @@ def sample(generator: Path = typer.Option(..., help="A diffusion.ckpt written by
     """Sample a synthetic set (images, labels or class pairs, manifest, grid.png) into OUT."""
     from oodforge.data.synthetic import write_synthetic
     from oodforge.generate.diffusion import load_generator, sample_id, sample_interpolated
+    from oodforge.validation import check_output_folder
 
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    check_output_folder(out.absolute().parent, "--out (its parent folder)")  # OUT itself is the set, made whole
     if kind not in ("id", "interpolated"):
         raise ValueError(f"--kind must be 'id' or 'interpolated', got {kind!r}")
     model = load_generator(generator, device=device)

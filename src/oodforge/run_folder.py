@@ -1,0 +1,92 @@
+"""A run folder's files (results.json, scores.npz, results.md, report.html, ...) replaced together.
+
+Every file of one write is first written into a staging folder inside the run folder
+(``.staging-<host>-<pid>-*``). When all are written, a ``COMMITTED`` marker listing them is written, then
+each is renamed into place. A kill before the marker leaves the old files untouched (the staging folder is
+removed by the next writer or reader); a kill after it is finished by the next writer or reader (roll
+forward). So, seen through oodforge, a run folder holds either all old files or all new ones. results.json
+also records ``scores_sha256``, a digest of the score arrays, so that ``report`` refuses a scores.npz that
+does not belong to its results.json (copied from elsewhere, or left by an older oodforge).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from oodforge.io import WriteError, host_tag, process_alive, process_tag
+
+STAGING_PREFIX = ".staging-"
+COMMITTED = "COMMITTED"
+
+
+def scores_digest(scores: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over the sorted keys, dtypes, shapes and bytes of float64 score arrays."""
+    digest = hashlib.sha256()
+    for key in sorted(scores):
+        array = np.ascontiguousarray(np.asarray(scores[key], dtype=np.float64).ravel())
+        digest.update(f"{key}\0{array.shape}\0".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def write_together(folder: Path, writers: Mapping[str, Callable[[Path], None]]) -> None:
+    """Write ``folder/<name>`` for every ``name -> write(path)`` so that the files change together."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    finish_pending(folder)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{process_tag()}-", dir=folder))
+    except OSError as exc:
+        raise WriteError(folder, exc.strerror or str(exc), exc.errno) from exc
+    name = "COMMITTED"
+    try:
+        for name, write in writers.items():
+            target = staging / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write(target)
+        name = COMMITTED
+        marker = staging / f".{COMMITTED}.tmp"
+        marker.write_text("\n".join(writers) + "\n")
+        os.replace(marker, staging / COMMITTED)  # from here on the new files win
+    except (OSError, RuntimeError) as exc:  # a full disk: name the file (torch.save raises RuntimeError)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise WriteError(folder / name, getattr(exc, "strerror", None) or str(exc).splitlines()[0],
+                         getattr(exc, "errno", None)) from exc
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _move_in(staging, folder)
+
+
+def finish_pending(folder: Path) -> None:
+    """Complete a committed write that a kill interrupted; drop an uncommitted one of a dead process."""
+    for staging in sorted(Path(folder).glob(f"{STAGING_PREFIX}*")):
+        if (staging / COMMITTED).is_file():
+            _move_in(staging, folder)
+        elif not _writer_alive(staging.name):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_in(staging: Path, folder: Path) -> None:
+    """Rename every listed file of a committed staging folder into ``folder`` (idempotent), then drop it."""
+    for name in (staging / COMMITTED).read_text().splitlines():
+        source = staging / name
+        if source.exists():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, folder / name)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _writer_alive(name: str) -> bool:
+    """Whether the process that made staging folder ``name`` (``.staging-<host>-<pid>-*``) still runs here."""
+    host, _, pid = name[len(STAGING_PREFIX):].rpartition("-")[0].rpartition("-")
+    if host != host_tag():
+        return True  # another machine's write (a shared folder): leave it alone
+    return not pid.isdigit() or process_alive(int(pid))
