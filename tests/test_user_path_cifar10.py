@@ -100,7 +100,7 @@ def compare(detectors: str, folder: Path) -> list[dict]:
     user = evaluate(model, bench, parse_detector_spec(detectors), quiet=True)
     result = CliRunner().invoke(app, ["score", "--benchmark", "cifar10", "--model", "resnet20", "--weights",
                                       str(weights), "--detectors", detectors, "--out", str(folder / "builtin"),
-                                      "--quiet"])
+                                      "--precision", "32-true", "--quiet"])  # the user's path runs float32
     assert result.exit_code == 0, result.output
     builtin = json.loads((folder / "builtin" / "results.json").read_text())
     user_auroc = {(r["detector"], r["ood_dataset"]): r["auroc"] for r in user.results}

@@ -20,6 +20,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
+import torch
 from rich.console import Console
 
 from oodforge.data.benchmarks import get_benchmark
@@ -128,7 +129,8 @@ def run_bench(config_path: Path, out: Path, quiet: bool = False, only: list[str]
         copy_sample_grids(recipe, out, prefix=f"{run['name']}-")  # the bench report shows them too
         own = parse_detector_spec(with_recipe_detectors(config.get("detectors", DEFAULT_DETECTORS), recipe))
         evaluation = evaluate(model, benchmark, own, method=method, tune=bool(config.get("tune", False)),
-                              cache=OutputCache(), quiet=quiet, train_subset=recipe.train_subset)
+                              cache=OutputCache(), quiet=quiet, train_subset=recipe.train_subset,
+                              precision=recipe.precision, device=_device())
         evaluation.timings["train_s"] = train_s
         info = {**asdict(recipe), "history": model.history, "run": run["name"]}
         evaluations[method] = (model, evaluation, info, str(run_dir / MODEL_CHECKPOINT))
@@ -140,6 +142,10 @@ def run_bench(config_path: Path, out: Path, quiet: bool = False, only: list[str]
     print_results(payload, Console())
     Console().print(summary_markdown(summary, payload))
     return payload
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def summarize(payload: dict) -> list[dict]:

@@ -17,6 +17,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console(stderr=True)
 
 DEFAULT_DETECTORS = "msp,maxlogit,energy,odin"
+PRECISION_HELP = ("auto (bf16-mixed autocast where the CPU or GPU runs bf16 natively, else 32-true), 32-true or "
+                  "bf16-mixed.")
 
 
 def _fail_cleanly(command: Callable) -> Callable:
@@ -73,7 +75,7 @@ def _options(pairs: list[str] | None, what: str) -> dict:
 def _evaluate_and_save(model, benchmark, detectors: str, out: Path, train_info: dict, checkpoint: str | None,
                        batch_size: int, quiet: bool, cache: bool, method: str | None = None,
                        detector_dir: Path | None = None, train_subset: int | None = None,
-                       tune: bool = False) -> dict:
+                       tune: bool = False, precision: str = "auto") -> dict:
     from oodforge.evaluate import evaluate, load_fitted_detectors, parse_detector_spec
     from oodforge.features import OutputCache
     from oodforge.runs import print_results, run_payload, save_run
@@ -84,7 +86,7 @@ def _evaluate_and_save(model, benchmark, detectors: str, out: Path, train_info: 
         console.print(f"reusing fitted detectors from {detector_dir}: {', '.join(fitted)}")
     evaluation = evaluate(model, benchmark, spec, method=method, device=_device(), batch_size=batch_size,
                           cache=OutputCache(enabled=cache), quiet=quiet, fitted=fitted,
-                          train_subset=train_subset, tune=tune)
+                          train_subset=train_subset, tune=tune, precision=precision)
     for info in evaluation.failed.values():
         console.print(f"[yellow]warning:[/yellow] {info['error']}", highlight=False, soft_wrap=True)
     _save_detectors(evaluation, out)
@@ -113,6 +115,7 @@ def _device() -> str:
 def demo(out: Path = typer.Option(Path("runs/demo"), help="Output folder."),
          epochs: int = typer.Option(4, help="Training epochs of the small CNN."),
          detectors: str = typer.Option("all", help="Comma-separated detectors, or 'all'."),
+         precision: str = typer.Option("auto", help=PRECISION_HELP),
          quiet: bool = typer.Option(False, "--quiet", help="No progress bars.")) -> None:
     """Train the small CNN on Fashion-MNIST, then score every detector on every OOD set."""
     from oodforge.data.benchmarks import get_benchmark
@@ -124,10 +127,14 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="Output folder."),
     bench, skipped = get_benchmark("fashion_mnist").without_missing_ood()  # a missing OOD set: warn, go on
     for message in skipped:
         console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
-    config = TrainConfig(benchmark="fashion_mnist", epochs=epochs, lr=0.05)
+    from oodforge.precision import check_precision
+
+    check_precision(precision)
+    config = TrainConfig(benchmark="fashion_mnist", epochs=epochs, lr=0.05, precision=precision)
     model = run_training(config, out, resume=True, quiet=quiet)
     _evaluate_and_save(model, bench, detectors, out,
-                       {**asdict(config), "history": model.history}, str(out / MODEL_CHECKPOINT), 500, quiet, True)
+                       {**asdict(config), "history": model.history}, str(out / MODEL_CHECKPOINT), 500, quiet, True,
+                       precision=precision)
 
 
 @app.command()
@@ -151,12 +158,13 @@ def train(benchmark: str = typer.Option("fashion_mnist", help="Benchmark whose I
           detectors: str = typer.Option(DEFAULT_DETECTORS, help="Detectors scored after training, or 'all'."),
           accelerator: str = typer.Option("auto"), devices: str = typer.Option("1"),
           num_nodes: int = typer.Option(1), strategy: str = typer.Option("auto"),
-          precision: str = typer.Option("32-true", help="Fabric precision, e.g. 16-mixed, bf16-mixed."),
+          precision: str = typer.Option("auto", help=PRECISION_HELP + " Also any Fabric precision (16-mixed, ...)."),
           resume: bool = typer.Option(True, help="Continue from OUT/last.ckpt if present."),
           quiet: bool = typer.Option(False, "--quiet")) -> None:
     """Train a classifier (any backbone, head, loss, data mix), then score it on its benchmark."""
     from oodforge.data.benchmarks import get_benchmark
     from oodforge.evaluate import parse_detector_spec
+    from oodforge.precision import PRECISIONS
     from oodforge.train import MODEL_CHECKPOINT, TrainConfig, with_recipe_detectors
     from oodforge.train import train as run_training
     from oodforge.validation import check_output_folder
@@ -175,8 +183,11 @@ def train(benchmark: str = typer.Option("fashion_mnist", help="Benchmark whose I
     parse_detector_spec(detectors)  # fail on a bad name or option before training
     bench = get_benchmark(benchmark)
     model = run_training(config, out, resume=resume, quiet=quiet)
+    if not getattr(model, "is_global_zero", True):
+        return  # DDP: the other processes trained; rank 0 scores and writes the run folder
+    scoring = precision if precision in PRECISIONS else "32-true"  # e.g. 16-mixed trains; scoring is float32
     _evaluate_and_save(model, bench, detectors, out, {**asdict(config), "history": model.history},
-                       str(out / MODEL_CHECKPOINT), 500, quiet, True, train_subset=train_subset)
+                       str(out / MODEL_CHECKPOINT), 500, quiet, True, train_subset=train_subset, precision=scoring)
 
 
 @app.command()
@@ -194,21 +205,24 @@ def score(benchmark: str = typer.Option(..., help="Benchmark: a registered name 
                                                    "this folder, such as an earlier run's OUT/detectors."),
           tune: bool = typer.Option(False, "--tune", help="Also score each detector with parameters chosen on "
                                     "the benchmark's validation data (rows '<detector>[tuned]')."),
+          precision: str = typer.Option("auto", help=PRECISION_HELP),
           quiet: bool = typer.Option(False, "--quiet")) -> None:
     """Score a trained or pretrained classifier with post-hoc detectors on a benchmark."""
     from oodforge.data.benchmarks import get_benchmark
     from oodforge.evaluate import parse_detector_spec
     from oodforge.model_loading import load_model
+    from oodforge.precision import check_precision
     from oodforge.validation import check_output_folder
 
     check_output_folder(out, "--out")
+    check_precision(precision)
     parse_detector_spec(detectors)
     bench = get_benchmark(benchmark)
     classifier, checkpoint = load_model(model, weights, bench, head=model_head)
     if tune:
         bench.check_validation()
     _evaluate_and_save(classifier, bench, detectors, out, {}, checkpoint, batch_size, quiet, cache,
-                       detector_dir=detector_dir, tune=tune)
+                       detector_dir=detector_dir, tune=tune, precision=precision)
 
 
 @app.command()

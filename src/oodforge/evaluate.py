@@ -29,6 +29,7 @@ from oodforge.features import (
     split_batch,
 )
 from oodforge.metrics import accuracy, ood_metrics
+from oodforge.precision import autocast, resolve_precision
 from oodforge.progress import progress_bar
 from oodforge.results import OODResults
 
@@ -99,19 +100,25 @@ class Evaluation:
     detectors: dict[str, Detector] = field(default_factory=dict)
     tuning: dict | None = None
     failed: dict[str, dict] = field(default_factory=dict)  # detectors dropped for non-finite scores
+    precision: str = "32-true"  # of the network's passes (outputs, detectors and metrics are float32)
 
     def detector_records(self) -> dict[str, dict]:
         """{label: name, parameters and needs} of every detector scored, for results.json."""
         return {label: detector_record(d) for label, d in self.detectors.items()}
 
 
-def input_scores(detector: Detector, model: torch.nn.Module, loader: DataLoader, device: torch.device | str
-                 ) -> torch.Tensor:
-    """Scores of a detector that needs the inputs themselves (ODIN), batch by batch."""
+def input_scores(detector: Detector, model: torch.nn.Module, loader: DataLoader, device: torch.device | str,
+                 precision: str = "32-true") -> torch.Tensor:
+    """Scores of a detector that needs the inputs themselves (ODIN), batch by batch; the network's passes
+    (forward and input gradients) run under ``precision``'s autocast, the scores come back float32."""
     was_training = model.training
     model.eval()
     try:
-        return torch.cat([detector.score(model, split_batch(batch)[0].to(device)).float().cpu() for batch in loader])
+        parts = []
+        for batch in loader:
+            with autocast(precision, device):
+                parts.append(detector.score(model, split_batch(batch)[0].to(device)).float().cpu())
+        return torch.cat(parts)
     finally:
         model.train(was_training)
 
@@ -130,7 +137,7 @@ def evaluate(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, 
              method: str | None = None, device: torch.device | str = "cpu", batch_size: int = 500,
              cache: OutputCache | None = None, quiet: bool = False, root: str | Path | None = None,
              fitted: dict[str, Detector] | None = None, train_subset: int | None = None,
-             tune: bool = False) -> Evaluation:
+             tune: bool = False, precision: str = "32-true") -> Evaluation:
     """Score the ID test set and every OOD set of ``benchmark`` with each detector in ``detectors``.
 
     Detectors in ``fitted`` (e.g. a flow reloaded from an earlier run) are used as they are; the
@@ -138,7 +145,10 @@ def evaluate(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, 
     With ``tune``, each tunable detector's parameters are first chosen on the benchmark's validation
     data (``oodforge.tuning``; no test set is loaded until then) and scored as ``<label>[tuned]``
     beside its defaults; every detector then fits on the training split minus the ID validation images.
+    The network runs under ``precision`` (``auto``: bf16 autocast where the hardware has it natively;
+    ``oodforge.precision``); outputs, detectors and metrics stay float32.
     """
+    precision = resolve_precision(precision, device)
     cache = cache or OutputCache()
     model = as_classifier(model).to(device).eval()
     tuning = None
@@ -146,23 +156,23 @@ def evaluate(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, 
         from oodforge.tuning import tune as tune_detectors
 
         tuning = tune_detectors(model, benchmark, detectors, cache=cache, device=device, batch_size=batch_size,
-                                quiet=quiet, root=root)
+                                quiet=quiet, root=root, precision=precision)
         detectors = tuning.tuned_spec(detectors)
     start = time.perf_counter()
     sets = {benchmark.id_dataset: benchmark.id_set("test", root)} | {n: benchmark.ood_set(n, root)
                                                                      for n in benchmark.ood}
-    outputs = {n: cache.outputs(model, s, device, batch_size, quiet) for n, s in sets.items()}
+    outputs = {n: cache.outputs(model, s, device, batch_size, quiet, precision=precision) for n, s in sets.items()}
 
     def train_outputs() -> ModelOutputs:
         train_images = benchmark.split_train(root)[0] if tune else benchmark.id_set("train", root)
         if train_subset:
             train_images = train_images.balanced_head(train_subset)
-        return cache.outputs(model, train_images, device, batch_size, quiet)
+        return cache.outputs(model, train_images, device, batch_size, quiet, precision=precision)
 
     loaders = {n: functools.partial(image_loader, s, batch_size) for n, s in sets.items()}
     evaluation = score_sets(model, detectors, outputs, loaders, benchmark.id_dataset, benchmark.ood, train_outputs,
                             method=method, fitted=fitted, quiet=quiet, device=device,
-                            timings={"outputs_s": time.perf_counter() - start})
+                            timings={"outputs_s": time.perf_counter() - start}, precision=precision)
     if tuning is not None:
         evaluation.tuning = tuning.record()
         evaluation.timings["tuning_s"] = tuning.seconds
@@ -173,7 +183,7 @@ def score_sets(model: torch.nn.Module, detectors: dict[str, dict], outputs: dict
                loaders: dict[str, Callable[[], DataLoader]], id_name: str, groups: dict[str, str],
                train_outputs: Callable[[], ModelOutputs], *, method: str | None = None,
                fitted: dict[str, Detector] | None = None, quiet: bool = False, device: torch.device | str = "cpu",
-               timings: dict | None = None) -> Evaluation:
+               timings: dict | None = None, precision: str = "32-true") -> Evaluation:
     """Fit each detector once and score the ID set ``id_name`` and every OOD set of ``groups`` with it.
 
     ``outputs`` holds every set's model outputs; detectors that need the inputs (ODIN) read them
@@ -189,7 +199,7 @@ def score_sets(model: torch.nn.Module, detectors: dict[str, dict], outputs: dict
     train = train_outputs() if any(d.needs_fit and n not in fitted for n, d in built.items()) else None
     timings = {**(timings or {})}
     evaluation = Evaluation(id_accuracy(outputs[id_name]), diagnostics=feature_diagnostics(outputs[id_name]),
-                            timings=timings)
+                            timings=timings, precision=resolve_precision(precision, device))
     prefix = f"{method}/" if method else ""
     with progress_bar(quiet) as bar:
         task = bar.add_task("detectors", total=len(built))
@@ -198,8 +208,9 @@ def score_sets(model: torch.nn.Module, detectors: dict[str, dict], outputs: dict
             tic = time.perf_counter()
             if name not in fitted:
                 detector.prepare(train, model)
-            scores = {dataset: (input_scores(detector, model, loaders[dataset](), device) if detector.needs_inputs
-                                else detector.score_outputs(outputs[dataset])).numpy().astype(np.float64)
+            scores = {dataset: (input_scores(detector, model, loaders[dataset](), device, precision)
+                                if detector.needs_inputs else detector.score_outputs(outputs[dataset])
+                                ).numpy().astype(np.float64)
                       for dataset in [id_name, *groups]}
             problem = nonfinite_problem(name, scores)
             if problem is not None:
@@ -253,7 +264,9 @@ def results_table(scores: dict[str, np.ndarray], id_name: str, groups: dict[str,
 
 def feature_diagnostics(outputs: ModelOutputs) -> dict[str, float]:
     """Uniformity and tolerance of the L2-normalized ID test features (design.md §3)."""
-    return {"uniformity": uniformity(outputs.features), "tolerance": tolerance(outputs.features, outputs.labels)}
+    labelled = outputs.labels is not None and len(outputs.labels) and not bool((outputs.labels < 0).any())
+    return {"uniformity": uniformity(outputs.features),
+            "tolerance": tolerance(outputs.features, outputs.labels) if labelled else None}
 
 
 def mean_auroc(results: list[dict], detector: str, group: str, method: str | None = None) -> float:
@@ -278,12 +291,14 @@ def load_fitted_detectors(folder: Path, detectors: dict[str, dict]) -> dict[str,
 def evaluate_ood(model: torch.nn.Module, id_train: Data | None, id_test: Data, ood: dict[str, object],
                  detectors: str | list[str] | dict[str, dict] = "all", *, out: str | Path | None = None,
                  device: torch.device | str | None = None, batch_size: int = 256, num_workers: int = 0,
-                 quiet: bool = False, id_name: str = "id", name: str = "custom") -> OODResults:
+                 quiet: bool = False, id_name: str = "id", name: str = "custom",
+                 precision: str = "32-true") -> OODResults:
     """Evaluate detectors on any classifier and data: fit on ``id_train``, score ``id_test`` and each OOD set.
 
     ``ood`` maps a name to data or to ``(data, "near" | "far")`` (plain data counts as far); data are
     DataLoaders, Datasets or tensors with batches ``x`` or ``(x, y)``. With ``out``, the usual run
-    folder (results.json, scores.npz, report.html) is written there.
+    folder (results.json, scores.npz, report.html) is written there. ``precision="auto"`` runs the network
+    under bf16 autocast where the hardware has it natively (``oodforge.precision``).
     """
     from oodforge.data.benchmarks import Benchmark
     from oodforge.runs import run_payload, save_run
@@ -291,21 +306,24 @@ def evaluate_ood(model: torch.nn.Module, id_train: Data | None, id_test: Data, o
     spec = detector_options(detectors)
     model = as_classifier(model)
     device = model_device(model) if device is None else torch.device(device)
+    precision = resolve_precision(precision, device)
     groups, data = _ood_groups(ood, id_name)
     sets = {id_name: id_test, **data}
     loaders = {n: as_loader(d, batch_size, num_workers) for n, d in sets.items()}
     start = time.perf_counter()
-    outputs = {n: extract_outputs(model, loader, device, quiet=quiet) for n, loader in loaders.items()}
+    outputs = {n: extract_outputs(model, loader, device, quiet=quiet, precision=precision)
+               for n, loader in loaders.items()}
 
     def train_outputs() -> ModelOutputs:
         if id_train is None:
             raise ValueError("id_train is needed to fit " + ", ".join(
                 n for n, o in spec.items() if build_detector(n, o).needs_fit))
-        return extract_outputs(model, as_loader(id_train, batch_size, num_workers), device, quiet=quiet)
+        return extract_outputs(model, as_loader(id_train, batch_size, num_workers), device, quiet=quiet,
+                               precision=precision)
 
     evaluation = score_sets(model, spec, outputs, {n: (lambda lo=lo: lo) for n, lo in loaders.items()}, id_name,
                             groups, train_outputs, quiet=quiet, device=device,
-                            timings={"outputs_s": time.perf_counter() - start})
+                            timings={"outputs_s": time.perf_counter() - start}, precision=precision)
     benchmark = Benchmark(name, id_name, groups, (0, 0, 0), (), ())
     payload, scores = run_payload(benchmark, {"model": (model, evaluation, {}, None)})
     if out is not None:

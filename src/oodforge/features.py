@@ -26,6 +26,7 @@ from oodforge.data.imageset import ImageSet
 from oodforge.data.streaming import FileImageSet
 from oodforge.detectors.base import ModelOutputs, classifier_view, features_and_logits
 from oodforge.io import partial_path, remove_stale_temp_files
+from oodforge.precision import autocast, resolve_precision
 from oodforge.progress import progress_bar
 
 Data = DataLoader | Dataset | Tensor
@@ -64,9 +65,10 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def forward_batches(model: nn.Module, loader: DataLoader, device: torch.device | str, quiet: bool = True,
-                    label: str = "forward") -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+                    label: str = "forward", precision: str = "32-true"
+                    ) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
     """(features, logits, labels) per batch, float32 on the CPU, in inference mode with the model in eval
-    mode; the model's previous mode is restored afterwards."""
+    mode, the forward pass under ``precision``'s autocast; the model's previous mode is restored afterwards."""
     was_training = model.training
     model.eval()
     try:
@@ -74,7 +76,8 @@ def forward_batches(model: nn.Module, loader: DataLoader, device: torch.device |
             task = bar.add_task(label, total=len(loader) if hasattr(loader, "__len__") else None)
             for batch in loader:
                 x, y = split_batch(batch)
-                features, logits = features_and_logits(model, x.to(device, non_blocking=True))
+                with autocast(precision, device):
+                    features, logits = features_and_logits(model, x.to(device, non_blocking=True))
                 yield features.flatten(1).float().cpu(), logits.float().cpu(), y
                 bar.advance(task)
     finally:
@@ -82,17 +85,19 @@ def forward_batches(model: nn.Module, loader: DataLoader, device: torch.device |
 
 
 def extract_outputs(model: nn.Module, data: Data, device: torch.device | str | None = None,
-                    batch_size: int = 256, num_workers: int = 0, quiet: bool = False) -> ModelOutputs:
+                    batch_size: int = 256, num_workers: int = 0, quiet: bool = False,
+                    precision: str = "32-true") -> ModelOutputs:
     """Logits, penultimate features and labels (None if the batches have none) of ``model`` on ``data``.
 
     ``model`` is any classifier (wrapped with ``wrap_model`` when it is a plain network); ``data`` a
-    DataLoader, a Dataset or a tensor of inputs, with batches ``x`` or ``(x, y)``.
+    DataLoader, a Dataset or a tensor of inputs, with batches ``x`` or ``(x, y)``. ``precision``:
+    ``32-true``, ``bf16-mixed`` (autocast; outputs stay float32) or ``auto`` (``oodforge.precision``).
     """
     model = as_classifier(model)
     device = model_device(model) if device is None else torch.device(device)
     loader = as_loader(data, batch_size, num_workers)
     features, logits, labels = [], [], []
-    for f, lg, y in forward_batches(model, loader, device, quiet, "forward"):
+    for f, lg, y in forward_batches(model, loader, device, quiet, "forward", precision):
         features.append(f)
         logits.append(lg)
         labels.append(y)
@@ -136,11 +141,12 @@ def image_loader(images: Images, batch_size: int, transform=None) -> DataLoader:
 
 
 def compute_outputs(model: nn.Module, images: Images, device: torch.device | str = "cpu", batch_size: int = 500,
-                    quiet: bool = True, folder: Path | None = None) -> ModelOutputs:
-    """Run ``model`` (eval mode) over ``images`` without augmentation; with ``folder``, write the outputs
-    there batch by batch as ``.npy`` files and return them memory-mapped."""
+                    quiet: bool = True, folder: Path | None = None, precision: str = "32-true") -> ModelOutputs:
+    """Run ``model`` (eval mode, ``precision``) over ``images`` without augmentation; with ``folder``, write
+    the outputs there batch by batch as ``.npy`` files and return them memory-mapped."""
     model = as_classifier(model)
-    batches = forward_batches(model, image_loader(images, batch_size), device, quiet, f"forward {images.name}")
+    batches = forward_batches(model, image_loader(images, batch_size), device, quiet, f"forward {images.name}",
+                              precision)
     try:
         if folder is None:
             return ModelOutputs.cat([ModelOutputs(logits, features, y) for features, logits, y in batches])
@@ -204,11 +210,16 @@ class OutputCache:
         self.enabled = enabled
 
     def outputs(self, model: nn.Module, images: Images, device: torch.device | str = "cpu",
-                batch_size: int = 500, quiet: bool = True, model_key: str | None = None) -> ModelOutputs:
-        """Cached outputs of ``model`` on ``images``, computed on a miss."""
+                batch_size: int = 500, quiet: bool = True, model_key: str | None = None,
+                precision: str = "32-true") -> ModelOutputs:
+        """Cached outputs of ``model`` on ``images`` under ``precision``, computed on a miss (float32 and
+        bf16 outputs are kept apart: ``<dataset>-<hash>`` and ``<dataset>-<hash>@bf16-mixed``)."""
+        precision = resolve_precision(precision, device)
         if not self.enabled:
-            return compute_outputs(model, images, device, batch_size, quiet)
-        entry = self.folder / (model_key or model_fingerprint(model)) / f"{_slug(images.name)}-{images.fingerprint()}"
+            return compute_outputs(model, images, device, batch_size, quiet, precision=precision)
+        suffix = "" if precision == "32-true" else f"@{precision}"
+        entry = (self.folder / (model_key or model_fingerprint(model))
+                 / f"{_slug(images.name)}-{images.fingerprint()}{suffix}")
         if (entry / "complete").is_file():
             try:
                 return read_outputs(entry)
@@ -217,13 +228,13 @@ class OutputCache:
         partial = partial_path(entry)
         remove_stale_temp_files(entry.parent)  # partial folders a killed run left behind
         try:
-            compute_outputs(model, images, device, batch_size, quiet, folder=partial)
+            compute_outputs(model, images, device, batch_size, quiet, folder=partial, precision=precision)
             shutil.rmtree(entry, ignore_errors=True)
             os.replace(partial, entry)
             return read_outputs(entry)
         except OSError as exc:
             warnings.warn(f"output cache {self.folder} not written ({exc}); going on without it", stacklevel=2)
-            return compute_outputs(model, images, device, batch_size, quiet)
+            return compute_outputs(model, images, device, batch_size, quiet, precision=precision)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
 

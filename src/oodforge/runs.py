@@ -36,8 +36,8 @@ def run_payload(benchmark: Benchmark, evaluations: dict[str, tuple[nn.Module, Ev
     first_model, first, first_train, first_ckpt = next(iter(evaluations.values()))
     payload = {"benchmark": benchmark.name, "id_dataset": benchmark.id_dataset, "id_accuracy": first.id_accuracy,
                "model": model_summary(first_model, first, first_ckpt), "train": first_train,
-               "ood_sets": benchmark.ood, "detectors": first.detector_records(), "results": [],
-               "timings": first.timings}
+               "ood_sets": benchmark.ood, "detectors": first.detector_records(), "precision": first.precision,
+               "results": [], "timings": first.timings}
     if first.tuning is not None:
         payload["tuning"] = first.tuning
     failed = {f"{m}/{d}" if several else d: info for m, (_, ev, _, _) in evaluations.items()
@@ -51,7 +51,7 @@ def run_payload(benchmark: Benchmark, evaluations: dict[str, tuple[nn.Module, Ev
         if several:
             payload.setdefault("methods", {})[method] = {
                 "id_accuracy": evaluation.id_accuracy, "model": model_summary(model, evaluation, ckpt),
-                "train": train, "timings": evaluation.timings,
+                "train": train, "timings": evaluation.timings, "precision": evaluation.precision,
                 **({"tuning": evaluation.tuning} if evaluation.tuning is not None else {})}
     return payload, scores
 

@@ -8,7 +8,7 @@ import random
 import shutil
 import time
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from lightning_fabric import Fabric
 from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader
 
+from oodforge.data.batches import AUGMENTATIONS, TensorBatches
 from oodforge.data.benchmarks import Benchmark, adapt, get_benchmark
 from oodforge.data.datasets import load_dataset, overlaps
 from oodforge.data.imageset import ImageSet
@@ -38,6 +39,7 @@ from oodforge.models.classifier import (
     save_classifier,
 )
 from oodforge.models.heads import HEADS
+from oodforge.precision import FABRIC_PRECISIONS, resolve_precision
 from oodforge.progress import progress_bar
 from oodforge.validation import check_value
 
@@ -72,7 +74,7 @@ class TrainConfig:
     devices: int | str = 1
     num_nodes: int = 1
     strategy: str = "auto"
-    precision: str = "32-true"
+    precision: str = "auto"  # auto: bf16-mixed where the hardware runs bf16 natively (oodforge.precision)
 
     def validate(self) -> TrainConfig:
         """Check every field's type and range at the door; one ValueError naming the field and value."""
@@ -92,6 +94,9 @@ class TrainConfig:
                 raise ValueError(f"training config: {name} must be {rule}, got {getattr(self, name)!r}")
         _check_options("head", HEADS, self.head, self.head_options, ("feature_dim", "num_classes"))
         _check_options("loss", LOSSES, self.loss, self.loss_options, ("feature_dim", "num_classes"))
+        if self.precision not in ("auto", *FABRIC_PRECISIONS):
+            raise ValueError(f"training config: precision must be one of auto, {', '.join(FABRIC_PRECISIONS)}; "
+                             f"got {self.precision!r}")
         if isinstance(self.devices, str) and self.devices != "auto" and not self.devices.replace(",", "").isdigit():
             raise ValueError(f"training config: devices must be a count, 'auto' or a list like '0,1', got "
                              f"{self.devices!r}")
@@ -232,6 +237,18 @@ def check_outlier_source(benchmark: Benchmark, source: str) -> None:
                          f"{benchmark.name!r}; train on a disjoint source")
 
 
+def batch_source(benchmark: Benchmark, sets: list, sampler: MixedBatchSampler, device: torch.device
+                 ) -> Iterable[tuple[Tensor, Tensor]]:
+    """Training batches: cut from a uint8 tensor on ``device`` and augmented per batch when every set is in
+    memory (``TensorBatches``), else a DataLoader with per-image transforms (streamed sets)."""
+    augment = None if benchmark.augment == "none" else benchmark.augment
+    if all(isinstance(s, ImageSet) for s in sets) and augment in AUGMENTATIONS:
+        return TensorBatches(sets, sampler, device, augment, channels_last=sets[0].image_shape[2] > 1)
+    transform = benchmark.train_transform()
+    return DataLoader(ConcatDataset([s.torch_dataset(transform) for s in sets]), batch_sampler=sampler,
+                      num_workers=loader_workers(sets[0]))
+
+
 def _cycle(loader: DataLoader) -> Iterator:
     while True:
         yield from loader
@@ -247,8 +264,9 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, quiet: 
     out_dir = Path(out_dir)
     config.validate()
     remove_stale_temp_files(out_dir)  # e.g. a .last.ckpt temp file of a killed run
+    precision = resolve_precision(config.precision, training_device(config.accelerator))
     fabric = Fabric(accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
-                    strategy=config.strategy, precision=config.precision)
+                    strategy=config.strategy, precision=precision)
     fabric.launch()
     seed_everything(config.seed)
     benchmark = get_benchmark(config.benchmark)
@@ -259,10 +277,9 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, quiet: 
                                 weight_decay=config.weight_decay, nesterov=config.momentum > 0)
     real, synthetic, outliers = training_data(config, benchmark)
     transform = benchmark.train_transform()
-    datasets = [real.torch_dataset(transform)] + ([synthetic.torch_dataset(transform)] if synthetic else [])
     sampler = MixedBatchSampler(len(real), config.batch_size, len(synthetic) if synthetic else 0,
                                 config.real_ratio, config.seed, fabric.global_rank, fabric.world_size)
-    loader = DataLoader(ConcatDataset(datasets), batch_sampler=sampler, num_workers=loader_workers(real))
+    loader = batch_source(benchmark, [real] + ([synthetic] if synthetic else []), sampler, fabric.device)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * len(sampler))
     history: list[dict] = []
     start_epoch = 0
@@ -311,7 +328,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, quiet: 
                 seen += len(y)
                 bar.update(task, advance=1, status=f"epoch {epoch + 1}/{config.epochs} loss {total_loss / seen:.3f}")
             history.append({"epoch": epoch + 1, "loss": total_loss / seen, "train_accuracy": correct / seen,
-                            "seconds": time.perf_counter() - tic})
+                            "seconds": time.perf_counter() - tic, "precision": precision})
             bad = nonfinite_tensors(model.state_dict())
             if bad:
                 raise FloatingPointError(f"weights became NaN or infinite during epoch {epoch + 1} (e.g. {bad[0]}); "
@@ -329,7 +346,15 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, quiet: 
         save_classifier(model, out_dir / MODEL_CHECKPOINT, extra={"train_config": asdict(config), "history": history})
         atomic_json({"train_config": asdict(config), "history": history}, out_dir / "train.json")
     model.history = history
+    model.is_global_zero = fabric.is_global_zero  # under DDP only rank 0 scores and writes the run
     return model.eval()
+
+
+def training_device(accelerator: str) -> str:
+    """The device type Fabric trains on for ``accelerator`` (``auto``: CUDA when available)."""
+    if accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
 
 
 def start_centres(loss: nn.Module, model: Classifier, real: ImageSet) -> None:

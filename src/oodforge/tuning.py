@@ -53,7 +53,7 @@ def grid(space: dict[str, list], fixed: dict) -> list[dict]:
 
 def tune(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, dict], *,
          cache: OutputCache | None = None, device: torch.device | str = "cpu", batch_size: int = 500,
-         quiet: bool = True, root: str | Path | None = None) -> Tuning:
+         quiet: bool = True, root: str | Path | None = None, precision: str = "32-true") -> Tuning:
     """Choose each tunable detector's parameters by mean validation AUROC; test sets are not opened.
 
     Detectors fit on the training split minus the ID validation hold-out (``Benchmark.split_train``);
@@ -65,7 +65,7 @@ def tune(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, dict
     fit_images, val_id = benchmark.split_train(root)
     val_ood = benchmark.val_ood_sets(root)
     sets = {"id": val_id, **val_ood}
-    outputs = {n: cache.outputs(model, s, device, batch_size, quiet) for n, s in sets.items()}
+    outputs = {n: cache.outputs(model, s, device, batch_size, quiet, precision=precision) for n, s in sets.items()}
     train: ModelOutputs | None = None
     tuning = Tuning({"id": f"{val_id.name} ({len(val_id)} images)",
                      "ood": {n: f"{benchmark.val['ood'][n]['data']}:{benchmark.val['ood'][n].get('split', 'test')} "
@@ -78,22 +78,22 @@ def tune(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, dict
             trials = grid(type(default).search_space, options) if default.supports(model) else []
             if trials:
                 if default.needs_fit and train is None:
-                    train = cache.outputs(model, fit_images, device, batch_size, quiet)
+                    train = cache.outputs(model, fit_images, device, batch_size, quiet, precision=precision)
                 tuning.detectors[label] = _search(label, options, trials, model, train, outputs, sets, device,
-                                                  batch_size)
+                                                  batch_size, precision)
             bar.advance(task)
     tuning.seconds = time.perf_counter() - tic
     return tuning
 
 
 def _search(label: str, options: dict, trials: list[dict], model, train, outputs, sets, device,
-            batch_size: int) -> dict:
+            batch_size: int, precision: str) -> dict:
     """Score every trial on the validation sets; the best mean AUROC wins (ties: the earlier trial)."""
     results = []
     for params in trials:
         detector = build_detector(label, {**options, **params})
         try:
-            auroc = _validation_auroc(detector, model, train, outputs, sets, device, batch_size)
+            auroc = _validation_auroc(detector, model, train, outputs, sets, device, batch_size, precision)
             results.append({"params": params, "val_auroc": auroc})
         except ValueError as exc:  # values that do not fit this model (e.g. a ViM dim >= the feature size)
             results.append({"params": params, "val_auroc": float("nan"), "error": str(exc).splitlines()[0]})
@@ -105,13 +105,15 @@ def _search(label: str, options: dict, trials: list[dict], model, train, outputs
     return {"space": space, "chosen": best["params"], "val_auroc": best["val_auroc"], "trials": results}
 
 
-def _validation_auroc(detector: Detector, model, train, outputs, sets, device, batch_size: int) -> float:
+def _validation_auroc(detector: Detector, model, train, outputs, sets, device, batch_size: int,
+                      precision: str = "32-true") -> float:
     """Mean AUROC of the ID validation set against each validation OOD set."""
     detector.prepare(train, model)
     scores = {}
     for name in outputs:
         if detector.needs_inputs:
-            scores[name] = input_scores(detector, model, image_loader(sets[name], batch_size), device).numpy()
+            scores[name] = input_scores(detector, model, image_loader(sets[name], batch_size), device,
+                                        precision).numpy()
         else:
             scores[name] = detector.score_outputs(outputs[name]).numpy()
     if not all(np.isfinite(s).all() for s in scores.values()):

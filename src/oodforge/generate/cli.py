@@ -20,22 +20,27 @@ def train_generator(dataset: str = typer.Option("fashion_mnist", help="Registere
                     batch_size: int | None = typer.Option(None), lr: float | None = typer.Option(None),
                     subset: int | None = typer.Option(None, help="Train on N images only (class-balanced)."),
                     seed: int = typer.Option(0), device: str = typer.Option("auto"),
+                    precision: str = typer.Option("auto", help="auto (bf16-mixed where the device runs bf16 "
+                                                  "natively, else 32-true), 32-true or bf16-mixed."),
                     resume: bool = typer.Option(True, help="Continue from OUT/diffusion.ckpt if present."),
                     quiet: bool = typer.Option(False, "--quiet")) -> None:
     """Train (or resume) the diffusion model; a checkpoint is written atomically every epoch."""
 
     from oodforge.data.datasets import load_dataset
-    from oodforge.generate.diffusion import preset_for, train_diffusion
+    from oodforge.generate.diffusion import preset_for, resolve_device, train_diffusion
+    from oodforge.precision import check_precision, resolve_precision
     from oodforge.validation import check_output_folder
 
     check_output_folder(out, "--out")
+    check_precision(precision)
+    bf16 = resolve_precision(precision, resolve_device(device)) == "bf16-mixed"
     images = load_dataset(dataset, "train")
     if subset:
         images = images.balanced_head(subset)
     height, _, channels = images.image_shape
     config = preset_for(height, channels, len(images.classes))
     overrides = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None}
-    config = replace(config, seed=seed, **overrides)
+    config = replace(config, seed=seed, bf16=bf16, **overrides)
     path = train_diffusion(images, config, out, resume=resume, quiet=quiet, device=device)
     console.print(f"wrote {path}")
 
@@ -49,7 +54,10 @@ def sample(generator: Path = typer.Option(..., help="A diffusion.ckpt written by
            alpha_range: tuple[float, float] = typer.Option((0.3, 0.7), help="Range of the mixing weight a."),
            seed: int = typer.Option(0), guidance: float = typer.Option(2.0, help="Classifier-free guidance."),
            steps: int = typer.Option(50, help="DDIM steps."), batch_size: int = typer.Option(256),
-           device: str = typer.Option("auto"), quiet: bool = typer.Option(False, "--quiet")) -> None:
+           device: str = typer.Option("auto"),
+           precision: str = typer.Option("auto", help="auto (bf16-mixed where the device runs bf16 natively, "
+                                         "else 32-true), 32-true or bf16-mixed."),
+           quiet: bool = typer.Option(False, "--quiet")) -> None:
     """Sample a synthetic set (images, labels or class pairs, manifest, grid.png) into OUT."""
     from oodforge.data.synthetic import write_synthetic
     from oodforge.generate.diffusion import load_generator, sample_id, sample_interpolated
@@ -60,7 +68,11 @@ def sample(generator: Path = typer.Option(..., help="A diffusion.ckpt written by
     check_output_folder(out.absolute().parent, "--out (its parent folder)")  # OUT itself is the set, made whole
     if kind not in ("id", "interpolated"):
         raise ValueError(f"--kind must be 'id' or 'interpolated', got {kind!r}")
+    from oodforge.precision import check_precision, resolve_precision
+
+    check_precision(precision)
     model = load_generator(generator, device=device)
+    model.config = replace(model.config, bf16=resolve_precision(precision, model.device) == "bf16-mixed")
     if kind == "id":
         images = sample_id(model, per_class, seed, guidance, steps, batch_size, quiet)
     else:

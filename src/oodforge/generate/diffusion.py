@@ -29,6 +29,7 @@ from oodforge.data.imageset import ImageSet
 from oodforge.data.synthetic import SyntheticSet
 from oodforge.io import atomic_torch_save
 from oodforge.models.classifier import CheckpointError, file_hash, read_checkpoint
+from oodforge.precision import cpu_has_native_bf16
 
 CHECKPOINT_NAME = "diffusion.ckpt"
 FORMAT = "oodforge-diffusion"
@@ -98,7 +99,7 @@ def preset_for(image_size: int, channels: int, num_classes: int) -> DiffusionCon
         return DiffusionConfig(
             image_size=image_size, channels=channels, num_classes=num_classes,
             block_out_channels=(32, 64, 64), layers_per_block=1, attention=False, mid_attention=True,
-            epochs=2, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.999, bf16=_cpu_has_bf16(),
+            epochs=2, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.999, bf16=cpu_has_native_bf16(),
         )
     return DiffusionConfig(
         image_size=image_size, channels=channels, num_classes=num_classes,
@@ -106,14 +107,6 @@ def preset_for(image_size: int, channels: int, num_classes: int) -> DiffusionCon
         dropout=0.1, epochs=200, batch_size=128, lr=2e-4, warmup_steps=1000, ema_decay=0.9999,
         random_flip=True, bf16=True,
     )
-
-
-def _cpu_has_bf16() -> bool:
-    """Whether oneDNN runs bfloat16 natively on this CPU (else bf16 autocast would be slower than fp32)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 class ConditionalUNet(nn.Module):
