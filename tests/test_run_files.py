@@ -150,27 +150,33 @@ def tiny_set(seed: int) -> ImageSet:
                     ["a", "b", "c"])
 
 
-def test_resampling_killed_mid_write_keeps_the_earlier_set(tmp_path):
-    folder = tmp_path / "set"
-    write_synthetic(folder, tiny_set(1), {"kind": "id", "seed": 1}, grid=False)
-    ready = tmp_path / "ready-sample"
+def resample_in_child(folder: Path, ready: Path, stall: str) -> None:
+    """Re-sample ``folder`` (seed 2) in a child whose ``stall`` code patches ``synthetic`` to stop at the kill
+    point (touching ``READY``), and SIGKILL it there."""
     run_child(f"""
-        import time
+        import os, sys, time
         from pathlib import Path
         import numpy as np
         import oodforge.data.synthetic as synthetic
-        from oodforge.data.imageset import ImageSet
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_run_files import tiny_set
+        READY = Path({str(ready)!r})
+        {textwrap.indent(textwrap.dedent(stall), " " * 8).strip()}
+        synthetic.write_synthetic(Path({str(folder)!r}), tiny_set(2), {{"kind": "id", "seed": 2}}, grid=False)
+    """, ready)
+
+
+def test_resampling_killed_mid_write_keeps_the_earlier_set(tmp_path):
+    folder = tmp_path / "set"
+    write_synthetic(folder, tiny_set(1), {"kind": "id", "seed": 1}, grid=False)
+    resample_in_child(folder, tmp_path / "ready-sample", """
         real_save = np.save
         def save_then_stall(path, array):  # kill while the new set is half written
             real_save(path, array)
-            Path({str(ready)!r}).touch()
+            READY.touch()
             time.sleep(60)
         synthetic.np.save = save_then_stall
-        rng = np.random.default_rng(2)
-        images = ImageSet("tiny", rng.integers(0, 256, (12, 8, 8, 1), dtype=np.uint8), np.repeat(np.arange(3), 4),
-                          ["a", "b", "c"])
-        synthetic.write_synthetic(Path({str(folder)!r}), images, {{"kind": "id", "seed": 2}}, grid=False)
-    """, ready)
+    """)
     loaded = load_synthetic(folder)
     assert loaded.manifest["seed"] == 1 and np.array_equal(loaded.images, tiny_set(1).images)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # dead writer cleaned
@@ -179,25 +185,15 @@ def test_resampling_killed_mid_write_keeps_the_earlier_set(tmp_path):
 def test_kill_between_the_two_renames_recovers_the_new_set(tmp_path):
     folder = tmp_path / "set"
     write_synthetic(folder, tiny_set(1), {"kind": "id", "seed": 1}, grid=False)
-    ready = tmp_path / "ready-swap"
-    run_child(f"""
-        import os, time
-        from pathlib import Path
-        import numpy as np
-        import oodforge.data.synthetic as synthetic
-        from oodforge.data.imageset import ImageSet
+    resample_in_child(folder, tmp_path / "ready-swap", """
         real_rename = os.rename
         def rename_then_stall(src, dst):  # the earlier set is moved aside, the new one not yet in
             real_rename(src, dst)
             if ".old-" in str(dst):
-                Path({str(ready)!r}).touch()
+                READY.touch()
                 time.sleep(60)
         synthetic.os.rename = rename_then_stall
-        rng = np.random.default_rng(2)
-        images = ImageSet("tiny", rng.integers(0, 256, (12, 8, 8, 1), dtype=np.uint8), np.repeat(np.arange(3), 4),
-                          ["a", "b", "c"])
-        synthetic.write_synthetic(Path({str(folder)!r}), images, {{"kind": "id", "seed": 2}}, grid=False)
-    """, ready)
+    """)
     assert not folder.exists()
     loaded = load_synthetic(folder)
     assert loaded.manifest["seed"] == 2 and np.array_equal(loaded.images, tiny_set(2).images)
