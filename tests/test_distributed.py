@@ -64,11 +64,26 @@ def test_ddp_training_on_two_cpu_processes(tmp_path):
     command = [sys.executable, "-m", "oodforge", "train", "--benchmark", "fashion_mnist", "--accelerator", "cpu",
                "--devices", "2", "--strategy", "ddp", "--train-subset", "512", "--batch-size", "64",
                "--epochs", "1", "--detectors", "msp,knn", "--precision", "32-true", "--out", str(out), "--quiet"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OODFORGE_CACHE": str(tmp_path / "cache-ddp")}
     first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     assert len(results["train"]["history"]) == 1 and results["id_accuracy"] > 0.3
+    # the outputs were extracted over both processes; one process from an empty cache scores the same
+    single = subprocess.run([sys.executable, "-m", "oodforge", "score", "--benchmark", "fashion_mnist", "--model",
+                             str(out / "model.ckpt"), "--detectors", "msp,knn", "--precision", "32-true",
+                             "--out", str(tmp_path / "single"), "--quiet"], capture_output=True, text=True,
+                            env={**env, "OODFORGE_CACHE": str(tmp_path / "cache-single")}, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    alone = json.loads((tmp_path / "single" / "results.json").read_text())
+    assert alone["id_accuracy"] == results["id_accuracy"]
+    pairs = {(r["detector"], r["ood_dataset"]): r["auroc"] for r in alone["results"]}
+    assert len(pairs) == len(results["results"]) == 6
+    for row in results["results"]:  # knn fits on the 512 training images in the DDP run, on all of them here
+        if row["detector"] == "msp":
+            assert abs(row["auroc"] - pairs[("msp", row["ood_dataset"])]) < 1e-6, row
+    entries = list((tmp_path / "cache-ddp" / "outputs").glob("*/*"))
+    assert len(entries) == 5  # test set, three OOD sets, the 512 training images: each written once, by rank 0
     assert sorted(p.name for p in out.iterdir() if p.suffix == ".ckpt") == ["last.ckpt", "model.ckpt"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp file, no staging folder
     history = json.loads((out / "train.json").read_text())["history"]

@@ -2,7 +2,8 @@
 
 Config keys: ``benchmark``, ``detectors`` (as for ``--detectors``), ``seeds`` (list), ``defaults``
 (``TrainConfig`` fields shared by all runs) and ``runs`` (list of ``{name: ..., <TrainConfig fields>}``;
-a run may set its own ``seeds``, e.g. one seed for a run that does not train).
+a run may set its own ``seeds``, e.g. one seed for a run that does not train) and ``resources``
+(``{num_cpus: 1, num_gpus: 0.25}``: what each run x seed takes on Ray, ``--executor ray``).
 Each run/seed trains into ``OUT/<name>/seed<k>/`` (resumable) and is scored as method
 ``<name>-seed<k>``; ``summary.md``/``summary.json`` give mean ± std over seeds.
 
@@ -16,21 +17,23 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from rich.console import Console
+from torch import nn
 
-from oodforge.data.benchmarks import get_benchmark
-from oodforge.evaluate import evaluate, parse_detector_spec
+from oodforge.data.benchmarks import Benchmark, get_benchmark
+from oodforge.evaluate import Evaluation, evaluate, parse_detector_spec
+from oodforge.executors import check_executor, check_resources, run_jobs
 from oodforge.features import OutputCache
 from oodforge.io import read_yaml_mapping
 from oodforge.runs import print_results, run_payload, save_run
 from oodforge.train import MODEL_CHECKPOINT, TrainConfig, copy_sample_grids, train, with_recipe_detectors
 
-CONFIG_KEYS = {"benchmark", "detectors", "seeds", "defaults", "runs", "description", "tune"}
+CONFIG_KEYS = {"benchmark", "detectors", "seeds", "defaults", "runs", "description", "tune", "resources"}
 PATH_KEYS = ("init", "outliers", "synthetic_id")
 DEFAULT_DETECTORS = "msp,maxlogit,energy"
 
@@ -66,6 +69,7 @@ def load_bench_config(path: Path) -> dict:
         if key in config and not isinstance(config[key], kind):
             raise ValueError(f"{path}: {key} must be a {kind.__name__}, got {config[key]!r}")
     _check_seeds(config.get("seeds", [0]), path, "seeds")
+    check_resources(config.get("resources", {}), path)
     allowed = {f.name for f in fields(TrainConfig)}
     for key in config.get("defaults", {}):
         if key not in allowed:
@@ -103,12 +107,62 @@ def bench_recipes(config: dict, reference: str, out: Path) -> list[tuple[dict, i
     return recipes
 
 
-def run_bench(config_path: Path, out: Path, quiet: bool = False, only: list[str] | None = None) -> dict:
+@dataclass(frozen=True)
+class BenchJob:
+    """One (run, seed) of a bench: trained into ``run_dir`` (resumable) and scored as ``<run>-seed<k>``."""
+
+    run: str
+    seed: int
+    recipe: TrainConfig
+    run_dir: Path
+    out: Path  # the bench folder
+    needs: tuple[str, ...]  # methods whose files this job reads (run after them)
+    detectors: str  # the config's detectors plus the recipe's own
+    tune: bool
+
+    @property
+    def method(self) -> str:
+        return f"{self.run}-seed{self.seed}"
+
+
+def bench_jobs(config: dict, reference: str, out: Path) -> list[BenchJob]:
+    """One job per run x seed, in config order; a job whose paths point into an earlier job's folder
+    (``init: "{out}/ce/seed{seed}/model.ckpt"``) names that job in ``needs``."""
+    jobs: list[BenchJob] = []
+    for run, seed, recipe in bench_recipes(config, reference, out):
+        paths = [str(getattr(recipe, key)) + os.sep for key in PATH_KEYS if getattr(recipe, key)]
+        run_dir = out / run["name"] / f"seed{seed}"
+        needs = tuple(job.method for job in jobs if any(str(job.run_dir) + os.sep in p for p in paths))
+        jobs.append(BenchJob(run["name"], seed, recipe, run_dir, out, needs,
+                             with_recipe_detectors(config.get("detectors", DEFAULT_DETECTORS), recipe),
+                             bool(config.get("tune", False))))
+    return jobs
+
+
+def run_job(job: BenchJob, benchmark: Benchmark, quiet: bool = False) -> tuple[nn.Module, Evaluation, dict, str]:
+    """Train (resuming from ``run_dir/last.ckpt``) and score one job: its ``run_payload`` entry."""
+    tic = time.perf_counter()
+    model = train(job.recipe, job.run_dir, resume=True, quiet=quiet)
+    train_s = time.perf_counter() - tic
+    copy_sample_grids(job.recipe, job.out, prefix=f"{job.run}-")  # the bench report shows them too
+    evaluation = evaluate(model, benchmark, parse_detector_spec(job.detectors), method=job.method, tune=job.tune,
+                          cache=OutputCache(), quiet=quiet, train_subset=job.recipe.train_subset,
+                          precision=job.recipe.precision, device=_device())
+    evaluation.timings["train_s"] = train_s
+    info = {**asdict(job.recipe), "history": model.history, "run": job.run}
+    return model, evaluation, info, str(job.run_dir / MODEL_CHECKPOINT)
+
+
+def run_bench(config_path: Path, out: Path, quiet: bool = False, only: list[str] | None = None,
+              executor: str = "local", address: str | None = None) -> dict:
     """Train and score every run x seed of the config (or the runs named in ``only``); write the run + summary.
 
     Finished runs are not trained again, and their model outputs come from the cache, so running the
     parts of a config separately (``only``) and then the whole config is cheap and gives one table.
+    ``executor="ray"`` runs each run x seed as a Ray task (``oodforge.executors``), on the cluster at
+    ``address`` or on a local Ray instance; the files written are the same as with ``"local"``.
     """
+    check_executor(executor, address)
     config = load_bench_config(config_path)
     if only:
         names = [run["name"] for run in config["runs"]]
@@ -119,22 +173,10 @@ def run_bench(config_path: Path, out: Path, quiet: bool = False, only: list[str]
     reference = benchmark_reference(config.get("benchmark", "fashion_mnist"), config_path)
     benchmark = get_benchmark(reference)
     parse_detector_spec(config.get("detectors", DEFAULT_DETECTORS))  # fail before any training
-    evaluations = {}
-    for run, seed, recipe in bench_recipes(config, reference, out):
-        method = f"{run['name']}-seed{seed}"
-        run_dir = out / run["name"] / f"seed{seed}"
-        tic = time.perf_counter()
-        model = train(recipe, run_dir, resume=True, quiet=quiet)
-        train_s = time.perf_counter() - tic
-        copy_sample_grids(recipe, out, prefix=f"{run['name']}-")  # the bench report shows them too
-        own = parse_detector_spec(with_recipe_detectors(config.get("detectors", DEFAULT_DETECTORS), recipe))
-        evaluation = evaluate(model, benchmark, own, method=method, tune=bool(config.get("tune", False)),
-                              cache=OutputCache(), quiet=quiet, train_subset=recipe.train_subset,
-                              precision=recipe.precision, device=_device())
-        evaluation.timings["train_s"] = train_s
-        info = {**asdict(recipe), "history": model.history, "run": run["name"]}
-        evaluations[method] = (model, evaluation, info, str(run_dir / MODEL_CHECKPOINT))
-    payload, scores = run_payload(benchmark, evaluations)
+    jobs = bench_jobs(config, reference, out)
+    done = run_jobs(executor, run_job, jobs, benchmark, quiet=quiet, resources=config.get("resources"),
+                    address=address)
+    payload, scores = run_payload(benchmark, {job.method: done[job.method] for job in jobs})  # config order
     payload["bench_config"] = config
     summary = summarize(payload)
     save_run(out, payload, scores, extra={"summary.json": json.dumps(summary, indent=2) + "\n",

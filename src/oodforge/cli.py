@@ -165,7 +165,7 @@ def train(benchmark: str = typer.Option("fashion_mnist", help="Benchmark whose I
     from oodforge.data.benchmarks import get_benchmark
     from oodforge.evaluate import parse_detector_spec
     from oodforge.precision import PRECISIONS
-    from oodforge.train import MODEL_CHECKPOINT, TrainConfig, with_recipe_detectors
+    from oodforge.train import MODEL_CHECKPOINT, TrainConfig, make_fabric, with_recipe_detectors
     from oodforge.train import train as run_training
     from oodforge.validation import check_output_folder
 
@@ -182,10 +182,19 @@ def train(benchmark: str = typer.Option("fashion_mnist", help="Benchmark whose I
     detectors = with_recipe_detectors(detectors, config)
     parse_detector_spec(detectors)  # fail on a bad name or option before training
     bench = get_benchmark(benchmark)
-    model = run_training(config, out, resume=resume, quiet=quiet)
-    if not getattr(model, "is_global_zero", True):
-        return  # DDP: the other processes trained; rank 0 scores and writes the run folder
+    fabric = make_fabric(config)  # launches the DDP processes, if any: every check above ran once
+    model = run_training(config, out, resume=resume, quiet=quiet, fabric=fabric)
     scoring = precision if precision in PRECISIONS else "32-true"  # e.g. 16-mixed trains; scoring is float32
+    if fabric.world_size > 1:  # every process extracts a shard of each set into rank 0's output cache
+        from oodforge.distributed import prefill_cache
+        from oodforge.features import OutputCache
+
+        train_images = bench.id_set("train")
+        sets = [bench.id_set("test"), *(bench.ood_set(n) for n in bench.ood),
+                train_images.balanced_head(train_subset) if train_subset else train_images]
+        prefill_cache(fabric, model, sets, OutputCache(), fabric.device, 500, scoring)
+    if not fabric.is_global_zero:
+        return  # rank 0 fits the detectors, scores and writes the run folder
     _evaluate_and_save(model, bench, detectors, out, {**asdict(config), "history": model.history},
                        str(out / MODEL_CHECKPOINT), 500, quiet, True, train_subset=train_subset, precision=scoring)
 
@@ -231,13 +240,18 @@ def bench(config: Path = typer.Argument(..., help="YAML file: benchmark, detecto
           out: Path = typer.Option(Path("runs/bench"), help="Output folder."),
           runs: str | None = typer.Option(None, help="Comma-separated run names: only these (e.g. one part per "
                                                      "machine; a later full call resumes and combines them)."),
+          executor: str = typer.Option("local", help="local (one run x seed after another, here) or ray (each "
+                                                     "run x seed a Ray task; needs the [ray] extra)."),
+          address: str | None = typer.Option(None, help="With --executor ray: the Ray cluster (auto, "
+                                                        "ray://HEAD:10001); default: a local Ray instance."),
           quiet: bool = typer.Option(False, "--quiet")) -> None:
     """Train and score several recipes (and seeds) from a config file into one results.json + report."""
     from oodforge.bench import run_bench
     from oodforge.validation import check_output_folder
 
     check_output_folder(out, "--out")
-    run_bench(config, out, quiet=quiet, only=runs.split(",") if runs else None)
+    run_bench(config, out, quiet=quiet, only=runs.split(",") if runs else None, executor=executor,
+              address=address)
 
 
 @app.command()

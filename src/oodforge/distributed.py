@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from oodforge.detectors.base import ModelOutputs
-from oodforge.features import Images, compute_outputs
+from oodforge.features import Images, OutputCache, compute_outputs
+from oodforge.precision import resolve_precision
 
 
 def shard_range(rows: int, rank: int, world: int) -> range:
@@ -46,3 +47,28 @@ def distributed_outputs(model: nn.Module, images: Images, fabric, device: torch.
     return ModelOutputs(gather_rows(part.logits.contiguous(), rows, fabric).cpu(),
                         gather_rows(part.features.contiguous(), rows, fabric).cpu(),
                         gather_rows(labels.contiguous(), rows, fabric).cpu())
+
+
+def prefill_cache(fabric, model: nn.Module, sets: list[Images], cache: OutputCache, device: torch.device | str,
+                  batch_size: int = 500, precision: str = "32-true") -> None:
+    """Extract every set not yet in rank 0's ``cache`` over all processes and store it there (rank 0 writes).
+
+    Every process must call this with the same sets; rank 0 decides which are missing (broadcast), so
+    the collective calls match even when the processes do not share a cache folder.
+    """
+    precision = resolve_precision(precision, device)
+    sync_buffers(model, fabric)
+    for images in sets:
+        missing = fabric.broadcast(not cache.has(model, images, precision) if fabric.is_global_zero else None, src=0)
+        if missing:
+            outputs = distributed_outputs(model, images, fabric, device, batch_size, True, precision)
+            if fabric.is_global_zero:
+                cache.store(model, images, outputs, precision)
+
+
+def sync_buffers(model: nn.Module, fabric) -> None:
+    """Give every process rank 0's buffers (BatchNorm running statistics, which DDP does not keep equal:
+    each rank updates them with its own batches), so that every shard is scored by the checkpointed model."""
+    if fabric.world_size > 1:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer.data, src=0)

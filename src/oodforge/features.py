@@ -217,9 +217,7 @@ class OutputCache:
         precision = resolve_precision(precision, device)
         if not self.enabled:
             return compute_outputs(model, images, device, batch_size, quiet, precision=precision)
-        suffix = "" if precision == "32-true" else f"@{precision}"
-        entry = (self.folder / (model_key or model_fingerprint(model))
-                 / f"{_slug(images.name)}-{images.fingerprint()}{suffix}")
+        entry = self.entry(model, images, precision, model_key)
         if (entry / "complete").is_file():
             try:
                 return read_outputs(entry)
@@ -235,6 +233,35 @@ class OutputCache:
         except OSError as exc:
             warnings.warn(f"output cache {self.folder} not written ({exc}); going on without it", stacklevel=2)
             return compute_outputs(model, images, device, batch_size, quiet, precision=precision)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+    def entry(self, model: nn.Module, images: Images, precision: str = "32-true", model_key: str | None = None
+              ) -> Path:
+        """The cache folder of ``model``'s outputs on ``images`` under a resolved ``precision``."""
+        suffix = "" if precision == "32-true" else f"@{precision}"
+        return (self.folder / (model_key or model_fingerprint(model))
+                / f"{_slug(images.name)}-{images.fingerprint()}{suffix}")
+
+    def has(self, model: nn.Module, images: Images, precision: str = "32-true") -> bool:
+        """Whether complete outputs of ``model`` on ``images`` are cached (always False when disabled)."""
+        return self.enabled and (self.entry(model, images, precision) / "complete").is_file()
+
+    def store(self, model: nn.Module, images: Images, outputs: ModelOutputs, precision: str = "32-true") -> None:
+        """Cache ``outputs`` computed elsewhere (e.g. gathered from several processes); a failed write warns."""
+        if not self.enabled:
+            return
+        entry = self.entry(model, images, precision)
+        partial = partial_path(entry)
+        try:
+            writer = OutputWriter(partial, len(outputs.logits))
+            writer.add(outputs.features.float(), outputs.logits.float(), outputs.labels)
+            writer.finish()
+            shutil.rmtree(entry, ignore_errors=True)
+            os.replace(partial, entry)
+        except OSError as exc:
+            warnings.warn(f"output cache {self.folder} not written ({exc}); going on without it", stacklevel=2)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
 

@@ -254,20 +254,29 @@ def _cycle(loader: DataLoader) -> Iterator:
         yield from loader
 
 
-def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, quiet: bool = False,
-          stop_after_epochs: int | None = None) -> Classifier:
-    """Train a classifier per ``config`` into ``out_dir``; resumes from ``out_dir/last.ckpt``.
-
-    A checkpoint is written atomically after every epoch; ``stop_after_epochs`` ends the run early
-    (as a kill would), which tests use to check resumption.
-    """
-    out_dir = Path(out_dir)
-    config.validate()
-    remove_stale_temp_files(out_dir)  # e.g. a .last.ckpt temp file of a killed run
+def make_fabric(config: TrainConfig) -> Fabric:
+    """A launched Fabric for the recipe's accelerator, devices, nodes, strategy and resolved precision."""
     precision = resolve_precision(config.precision, training_device(config.accelerator))
     fabric = Fabric(accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
                     strategy=config.strategy, precision=precision)
     fabric.launch()
+    return fabric
+
+
+def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, quiet: bool = False,
+          stop_after_epochs: int | None = None, fabric: Fabric | None = None) -> Classifier:
+    """Train a classifier per ``config`` into ``out_dir``; resumes from ``out_dir/last.ckpt``.
+
+    A checkpoint is written atomically after every epoch; ``stop_after_epochs`` ends the run early
+    (as a kill would), which tests use to check resumption. ``fabric``: a launched Fabric to train with
+    (default: ``make_fabric(config)``), so a caller can go on using its processes (e.g. to extract
+    outputs over every DDP rank).
+    """
+    out_dir = Path(out_dir)
+    config.validate()
+    remove_stale_temp_files(out_dir)  # e.g. a .last.ckpt temp file of a killed run
+    fabric = fabric or make_fabric(config)
+    precision = resolve_precision(config.precision, training_device(config.accelerator))
     seed_everything(config.seed)
     benchmark = get_benchmark(config.benchmark)
     model = make_model(config, benchmark)
@@ -346,7 +355,6 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, quiet: 
         save_classifier(model, out_dir / MODEL_CHECKPOINT, extra={"train_config": asdict(config), "history": history})
         atomic_json({"train_config": asdict(config), "history": history}, out_dir / "train.json")
     model.history = history
-    model.is_global_zero = fabric.is_global_zero  # under DDP only rank 0 scores and writes the run
     return model.eval()
 
 
