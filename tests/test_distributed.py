@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,9 +50,23 @@ def test_shards_cover_every_row_once():
             assert covered == list(range(rows))
 
 
-def test_two_process_extraction_equals_one_process():
+def _extract_in_two_processes(path: str) -> None:
+    """Run ``_extract`` on 2 spawned gloo processes and save rank 0's gathered arrays to ``path``."""
     fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn")
     logits, features, labels = fabric.launch(_extract)
+    np.savez(path, logits=logits, features=features, labels=labels)
+
+
+def test_two_process_extraction_equals_one_process(tmp_path):
+    # in a fresh interpreter: spawned children abort (std::terminate) once typer.testing is imported here
+    path = tmp_path / "gathered.npz"
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+              f"from test_distributed import _extract_in_two_processes; _extract_in_two_processes({str(path)!r})")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    with np.load(path) as gathered:
+        logits, features, labels = gathered["logits"], gathered["features"], gathered["labels"]
     single = compute_outputs(tiny_model(), images(), batch_size=16)
     assert np.array_equal(labels, np.arange(ROWS))  # rank order, nothing duplicated or dropped
     np.testing.assert_allclose(logits, single.logits.numpy(), rtol=1e-5, atol=1e-6)

@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train, synthesize, score and benchmark OOD detectors for image classifiers.")
@@ -40,7 +41,7 @@ def _fail_cleanly(command: Callable) -> Callable:
             message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
             if message.startswith("Caught "):  # raised in a DataLoader worker: keep the original message
                 message = message.strip().splitlines()[-1].split(": ", 1)[-1]
-            console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -54,7 +55,7 @@ def _one_line_warnings(show: Callable) -> Callable:
 
     def show_warning(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, UserWarning) and str(Path(filename).resolve()).startswith(PACKAGE_DIR):
-            console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+            console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False, soft_wrap=True)
         else:
             show(message, category, filename, lineno, file, line)
 
@@ -250,8 +251,7 @@ def bench(config: Path = typer.Argument(..., help="YAML file: benchmark, detecto
     from oodforge.validation import check_output_folder
 
     check_output_folder(out, "--out")
-    run_bench(config, out, quiet=quiet, only=runs.split(",") if runs else None, executor=executor,
-              address=address)
+    run_bench(config, out, quiet=quiet, only=runs.split(",") if runs else None, executor=executor, address=address)
 
 
 @app.command()
