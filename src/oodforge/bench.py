@@ -21,14 +21,13 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
-import torch
 from rich.console import Console
 from torch import nn
 
 from oodforge.data.benchmarks import Benchmark, get_benchmark
 from oodforge.evaluate import Evaluation, evaluate, parse_detector_spec
 from oodforge.executors import check_executor, check_resources, run_jobs
-from oodforge.features import OutputCache
+from oodforge.features import OutputCache, default_device
 from oodforge.io import read_yaml_mapping
 from oodforge.runs import print_results, run_payload, save_run
 from oodforge.train import MODEL_CHECKPOINT, TrainConfig, copy_sample_grids, train, with_recipe_detectors
@@ -147,7 +146,7 @@ def run_job(job: BenchJob, benchmark: Benchmark, quiet: bool = False) -> tuple[n
     copy_sample_grids(job.recipe, job.out, prefix=f"{job.run}-")  # the bench report shows them too
     evaluation = evaluate(model, benchmark, parse_detector_spec(job.detectors), method=job.method, tune=job.tune,
                           cache=OutputCache(), quiet=quiet, train_subset=job.recipe.train_subset,
-                          precision=job.recipe.precision, device=_device())
+                          precision=job.recipe.precision, device=default_device())
     evaluation.timings["train_s"] = train_s
     info = {**asdict(job.recipe), "history": model.history, "run": job.run}
     return model, evaluation, info, str(job.run_dir / MODEL_CHECKPOINT)
@@ -184,10 +183,6 @@ def run_bench(config_path: Path, out: Path, quiet: bool = False, only: list[str]
     print_results(payload, Console())
     Console().print(summary_markdown(summary, payload))
     return payload
-
-
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def summarize(payload: dict) -> list[dict]:

@@ -78,14 +78,14 @@ def _evaluate_and_save(model, benchmark, detectors: str, out: Path, train_info: 
                        detector_dir: Path | None = None, train_subset: int | None = None,
                        tune: bool = False, precision: str = "auto") -> dict:
     from oodforge.evaluate import evaluate, load_fitted_detectors, parse_detector_spec
-    from oodforge.features import OutputCache
+    from oodforge.features import OutputCache, default_device
     from oodforge.runs import print_results, run_payload, save_run
 
     spec = parse_detector_spec(detectors)
     fitted = load_fitted_detectors(detector_dir, spec) if detector_dir else {}
     if fitted:
         console.print(f"reusing fitted detectors from {detector_dir}: {', '.join(fitted)}")
-    evaluation = evaluate(model, benchmark, spec, method=method, device=_device(), batch_size=batch_size,
+    evaluation = evaluate(model, benchmark, spec, method=method, device=default_device(), batch_size=batch_size,
                           cache=OutputCache(enabled=cache), quiet=quiet, fitted=fitted,
                           train_subset=train_subset, tune=tune, precision=precision)
     for info in evaluation.failed.values():
@@ -105,12 +105,6 @@ def _save_detectors(evaluation, out: Path) -> None:
             detector.save(out / "detectors" / f"{name}.pt")
 
 
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @app.command()
 @_fail_cleanly
 def demo(out: Path = typer.Option(Path("runs/demo"), help="Output folder."),
@@ -120,17 +114,16 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="Output folder."),
          quiet: bool = typer.Option(False, "--quiet", help="No progress bars.")) -> None:
     """Train the small CNN on Fashion-MNIST, then score every detector on every OOD set."""
     from oodforge.data.benchmarks import get_benchmark
+    from oodforge.precision import check_precision
     from oodforge.train import MODEL_CHECKPOINT, TrainConfig
     from oodforge.train import train as run_training
     from oodforge.validation import check_output_folder
 
     check_output_folder(out, "--out")
+    check_precision(precision)
     bench, skipped = get_benchmark("fashion_mnist").without_missing_ood()  # a missing OOD set: warn, go on
     for message in skipped:
         console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
-    from oodforge.precision import check_precision
-
-    check_precision(precision)
     config = TrainConfig(benchmark="fashion_mnist", epochs=epochs, lr=0.05, precision=precision)
     model = run_training(config, out, resume=True, quiet=quiet)
     _evaluate_and_save(model, bench, detectors, out,
@@ -187,13 +180,10 @@ def train(benchmark: str = typer.Option("fashion_mnist", help="Benchmark whose I
     model = run_training(config, out, resume=resume, quiet=quiet, fabric=fabric)
     scoring = precision if precision in PRECISIONS else "32-true"  # e.g. 16-mixed trains; scoring is float32
     if fabric.world_size > 1:  # every process extracts a shard of each set into rank 0's output cache
-        from oodforge.distributed import prefill_cache
+        from oodforge.distributed import prefill_benchmark
         from oodforge.features import OutputCache
 
-        train_images = bench.id_set("train")
-        sets = [bench.id_set("test"), *(bench.ood_set(n) for n in bench.ood),
-                train_images.balanced_head(train_subset) if train_subset else train_images]
-        prefill_cache(fabric, model, sets, OutputCache(), fabric.device, 500, scoring)
+        prefill_benchmark(fabric, model, bench, OutputCache(), train_subset, scoring)
     if not fabric.is_global_zero:
         return  # rank 0 fits the detectors, scores and writes the run folder
     _evaluate_and_save(model, bench, detectors, out, {**asdict(config), "history": model.history},

@@ -72,3 +72,13 @@ def sync_buffers(model: nn.Module, fabric) -> None:
     if fabric.world_size > 1:
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer.data, src=0)
+
+
+def prefill_benchmark(fabric, model: nn.Module, benchmark, cache: OutputCache, train_subset: int | None = None,
+                      precision: str = "32-true", batch_size: int = 500) -> None:
+    """``prefill_cache`` with every set that scoring ``benchmark`` reads: its test sets and the training
+    images detectors fit on (``train_subset`` as in training)."""
+    from oodforge.evaluate import fit_images, scored_sets
+
+    sets = [*scored_sets(benchmark).values(), fit_images(benchmark, train_subset=train_subset)]
+    prefill_cache(fabric, model, sets, cache, fabric.device, batch_size, precision)

@@ -20,6 +20,7 @@ from oodforge.detectors.base import registered_name
 from oodforge.diagnostics import tolerance, uniformity
 from oodforge.features import (
     Data,
+    Images,
     OutputCache,
     as_classifier,
     as_loader,
@@ -159,15 +160,12 @@ def evaluate(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, 
                                 quiet=quiet, root=root, precision=precision)
         detectors = tuning.tuned_spec(detectors)
     start = time.perf_counter()
-    sets = {benchmark.id_dataset: benchmark.id_set("test", root)} | {n: benchmark.ood_set(n, root)
-                                                                     for n in benchmark.ood}
+    sets = scored_sets(benchmark, root)
     outputs = {n: cache.outputs(model, s, device, batch_size, quiet, precision=precision) for n, s in sets.items()}
 
     def train_outputs() -> ModelOutputs:
-        train_images = benchmark.split_train(root)[0] if tune else benchmark.id_set("train", root)
-        if train_subset:
-            train_images = train_images.balanced_head(train_subset)
-        return cache.outputs(model, train_images, device, batch_size, quiet, precision=precision)
+        return cache.outputs(model, fit_images(benchmark, root, train_subset, tune), device, batch_size, quiet,
+                             precision=precision)
 
     loaders = {n: functools.partial(image_loader, s, batch_size) for n, s in sets.items()}
     evaluation = score_sets(model, detectors, outputs, loaders, benchmark.id_dataset, benchmark.ood, train_outputs,
@@ -177,6 +175,20 @@ def evaluate(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, 
         evaluation.tuning = tuning.record()
         evaluation.timings["tuning_s"] = tuning.seconds
     return evaluation
+
+
+def scored_sets(benchmark: Benchmark, root: str | Path | None = None) -> dict[str, Images]:
+    """The ID test set and every OOD test set of ``benchmark``, by name."""
+    return {benchmark.id_dataset: benchmark.id_set("test", root)} | {n: benchmark.ood_set(n, root)
+                                                                     for n in benchmark.ood}
+
+
+def fit_images(benchmark: Benchmark, root: str | Path | None = None, train_subset: int | None = None,
+               tune: bool = False) -> Images:
+    """The ID training images detectors fit on: the training split (less the ID validation hold-out when
+    tuning), ``train_subset`` class-balanced images of it if given (as in training)."""
+    images = benchmark.split_train(root)[0] if tune else benchmark.id_set("train", root)
+    return images.balanced_head(train_subset) if train_subset else images
 
 
 def score_sets(model: torch.nn.Module, detectors: dict[str, dict], outputs: dict[str, ModelOutputs],

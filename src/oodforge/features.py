@@ -8,12 +8,13 @@ so a set larger than memory costs disk, not RAM.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,11 @@ def split_batch(batch: object) -> tuple[Tensor, Tensor | None]:
         labels = batch[1] if len(batch) > 1 else None
         return batch[0], None if labels is None else torch.as_tensor(labels)
     raise TypeError(f"a batch must be x or (x, y) with x a tensor, got {type(batch).__name__}")
+
+
+def default_device() -> str:
+    """Where scoring runs unless told otherwise: ``cuda`` when a GPU is visible, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -223,19 +229,26 @@ class OutputCache:
                 return read_outputs(entry)
             except (OSError, ValueError):  # a damaged entry is recomputed
                 shutil.rmtree(entry, ignore_errors=True)
+        fill = functools.partial(compute_outputs, model, images, device, batch_size, quiet, precision=precision)
+        if self._commit(entry, lambda partial: fill(folder=partial)):
+            return read_outputs(entry)
+        return fill()
+
+    def _commit(self, entry: Path, fill: Callable[[Path], object]) -> bool:
+        """Fill a partial folder beside ``entry`` and rename it to ``entry``; a failed write warns and gives
+        False (the run goes on without the cache). Partial folders a killed run left are removed first."""
         partial = partial_path(entry)
-        remove_stale_temp_files(entry.parent)  # partial folders a killed run left behind
+        remove_stale_temp_files(entry.parent)
         try:
-            compute_outputs(model, images, device, batch_size, quiet, folder=partial, precision=precision)
+            fill(partial)
             shutil.rmtree(entry, ignore_errors=True)
             os.replace(partial, entry)
-            return read_outputs(entry)
+            return True
         except OSError as exc:
-            warnings.warn(f"output cache {self.folder} not written ({exc}); going on without it", stacklevel=2)
-            return compute_outputs(model, images, device, batch_size, quiet, precision=precision)
+            warnings.warn(f"output cache {self.folder} not written ({exc}); going on without it", stacklevel=3)
+            return False
         finally:
             shutil.rmtree(partial, ignore_errors=True)
-
 
     def entry(self, model: nn.Module, images: Images, precision: str = "32-true", model_key: str | None = None
               ) -> Path:
@@ -252,18 +265,13 @@ class OutputCache:
         """Cache ``outputs`` computed elsewhere (e.g. gathered from several processes); a failed write warns."""
         if not self.enabled:
             return
-        entry = self.entry(model, images, precision)
-        partial = partial_path(entry)
-        try:
+
+        def fill(partial: Path) -> None:
             writer = OutputWriter(partial, len(outputs.logits))
             writer.add(outputs.features.float(), outputs.logits.float(), outputs.labels)
             writer.finish()
-            shutil.rmtree(entry, ignore_errors=True)
-            os.replace(partial, entry)
-        except OSError as exc:
-            warnings.warn(f"output cache {self.folder} not written ({exc}); going on without it", stacklevel=2)
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
+
+        self._commit(self.entry(model, images, precision), fill)
 
 
 def _slug(name: str) -> str:

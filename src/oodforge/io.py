@@ -67,7 +67,7 @@ def current_umask() -> int:
     return mask
 
 
-def _reason(exc: BaseException) -> str:
+def write_failure(exc: BaseException) -> str:
     """One line saying why a write failed."""
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
@@ -96,7 +96,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     except WriteError:
         raise
     except (OSError, RuntimeError) as exc:
-        raise WriteError(path, _reason(exc), getattr(exc, "errno", None)) from exc
+        raise WriteError(path, write_failure(exc), getattr(exc, "errno", None)) from exc
     finally:
         if tmp is not None:
             try:
@@ -122,6 +122,18 @@ def process_alive(pid: int) -> bool:
     except (PermissionError, OverflowError, ValueError):
         return True  # exists (another user's), or not a pid this system knows: leave it alone
     return True
+
+
+def writer_gone(host: str | None, pid: int | None) -> bool:
+    """Whether the writer named by ``host`` and ``pid`` (as in ``process_tag``) is a process of this host
+    that no longer runs; another host's writer, or an unnamed one, cannot be told gone."""
+    return host == host_tag() and pid is not None and not process_alive(pid)
+
+
+def tag_owner(tag: str) -> tuple[str | None, int | None]:
+    """``"<host>-<pid>"`` (a ``process_tag``) -> (host, pid); (None, None) when ``tag`` is not one."""
+    host, _, pid = tag.rpartition("-")
+    return (host, int(pid)) if host and pid.isdigit() else (None, None)
 
 
 def _temp_owner(name: str) -> tuple[bool, str | None, int | None]:
@@ -152,7 +164,7 @@ def remove_stale_temp_files(folder: str | Path, max_age_s: float = STALE_AFTER_S
             continue
         try:
             if host == here and pid is not None:
-                stale = not process_alive(pid)
+                stale = writer_gone(host, pid)
             else:
                 stale = now - entry.lstat().st_mtime > max_age_s
             if not stale:
@@ -175,16 +187,6 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
 def atomic_json(obj: Any, path: str | Path) -> Path:
     """Write ``obj`` as indented JSON atomically."""
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
-
-
-def atomic_npz(arrays: dict[str, np.ndarray], path: str | Path) -> Path:
-    """``np.savez`` of ``arrays`` atomically (keys may contain ``/``)."""
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
-
-    return atomic_write(path, write)
 
 
 def atomic_npy(array: np.ndarray, path: str | Path) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from oodforge.io import WriteError, host_tag, process_alive, process_tag
+from oodforge.io import WriteError, process_tag, tag_owner, write_failure, writer_gone
 
 STAGING_PREFIX = ".staging-"
 COMMITTED = "COMMITTED"
@@ -45,7 +45,7 @@ def write_together(folder: Path, writers: Mapping[str, Callable[[Path], None]]) 
         staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{process_tag()}-", dir=folder))
     except OSError as exc:
         raise WriteError(folder, exc.strerror or str(exc), exc.errno) from exc
-    name = "COMMITTED"
+    name = COMMITTED
     try:
         for name, write in writers.items():
             target = staging / name
@@ -57,8 +57,7 @@ def write_together(folder: Path, writers: Mapping[str, Callable[[Path], None]]) 
         os.replace(marker, staging / COMMITTED)  # from here on the new files win
     except (OSError, RuntimeError) as exc:  # a full disk: name the file (torch.save raises RuntimeError)
         shutil.rmtree(staging, ignore_errors=True)
-        raise WriteError(folder / name, getattr(exc, "strerror", None) or str(exc).splitlines()[0],
-                         getattr(exc, "errno", None)) from exc
+        raise WriteError(folder / name, write_failure(exc), getattr(exc, "errno", None)) from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -70,7 +69,7 @@ def finish_pending(folder: Path) -> None:
     for staging in sorted(Path(folder).glob(f"{STAGING_PREFIX}*")):
         if (staging / COMMITTED).is_file():
             _move_in(staging, folder)
-        elif not _writer_alive(staging.name):
+        elif writer_gone(*tag_owner(staging.name[len(STAGING_PREFIX):].rpartition("-")[0])):
             shutil.rmtree(staging, ignore_errors=True)
 
 
@@ -82,11 +81,3 @@ def _move_in(staging: Path, folder: Path) -> None:
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             os.replace(source, folder / name)
     shutil.rmtree(staging, ignore_errors=True)
-
-
-def _writer_alive(name: str) -> bool:
-    """Whether the process that made staging folder ``name`` (``.staging-<host>-<pid>-*``) still runs here."""
-    host, _, pid = name[len(STAGING_PREFIX):].rpartition("-")[0].rpartition("-")
-    if host != host_tag():
-        return True  # another machine's write (a shared folder): leave it alone
-    return not pid.isdigit() or process_alive(int(pid))

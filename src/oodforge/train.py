@@ -254,11 +254,15 @@ def _cycle(loader: DataLoader) -> Iterator:
         yield from loader
 
 
+def training_precision(config: TrainConfig) -> str:
+    """The recipe's precision resolved for the device Fabric trains on (``auto`` -> bf16-mixed or 32-true)."""
+    return resolve_precision(config.precision, training_device(config.accelerator))
+
+
 def make_fabric(config: TrainConfig) -> Fabric:
     """A launched Fabric for the recipe's accelerator, devices, nodes, strategy and resolved precision."""
-    precision = resolve_precision(config.precision, training_device(config.accelerator))
     fabric = Fabric(accelerator=config.accelerator, devices=config.devices, num_nodes=config.num_nodes,
-                    strategy=config.strategy, precision=precision)
+                    strategy=config.strategy, precision=training_precision(config))
     fabric.launch()
     return fabric
 
@@ -276,7 +280,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, quiet: 
     config.validate()
     remove_stale_temp_files(out_dir)  # e.g. a .last.ckpt temp file of a killed run
     fabric = fabric or make_fabric(config)
-    precision = resolve_precision(config.precision, training_device(config.accelerator))
+    precision = training_precision(config)
     seed_everything(config.seed)
     benchmark = get_benchmark(config.benchmark)
     model = make_model(config, benchmark)

@@ -11,7 +11,7 @@ Layout of a synthetic set folder::
     grid.png        a few images per class (ID sets) or per class pair (interpolated sets)
 
 ``manifest.json`` is written last, so a folder without it is an unfinished write. A new set is written into
-a hidden folder beside the target (``.<name>.new-<pid>-*``) and swapped in whole, so re-sampling into an
+a hidden folder beside the target (``.<name>.new-<host>-<pid>-*``) and swapped in whole, so re-sampling into an
 existing set never loses it: a kill leaves either the earlier set or the new one (``recover_synthetic``).
 """
 
@@ -31,7 +31,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from oodforge.data.imageset import ImageSet
-from oodforge.io import atomic_json, atomic_write, current_umask, process_alive
+from oodforge.io import atomic_json, atomic_write, current_umask, process_tag, tag_owner, writer_gone
 
 FORMAT = "oodforge-synthetic"
 KINDS = ("id", "interpolated")
@@ -73,7 +73,7 @@ def write_synthetic(
         raise ValueError(f"{folder} is a file, not a synthetic set folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
     recover_synthetic(folder)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.new-{os.getpid()}-", dir=folder.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.new-{process_tag()}-", dir=folder.parent))
     try:
         os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700; a set folder follows the umask
         np.save(staging / "images.npy", np.ascontiguousarray(images.images, dtype=np.uint8))
@@ -102,7 +102,7 @@ def write_synthetic(
 def _swap_in(staging: Path, folder: Path) -> None:
     """Put the complete set ``staging`` at ``folder``; the earlier set stays until the new one is in place."""
     if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}-{staging.name.rsplit('-', 1)[-1]}")
+        old = folder.with_name(f".{folder.name}.old-{staging.name.rsplit('.new-', 1)[1]}")
         os.rename(folder, old)  # a kill here: recover_synthetic moves the complete new set in
         os.rename(staging, folder)
         shutil.rmtree(old, ignore_errors=True)
@@ -131,9 +131,8 @@ def recover_synthetic(folder: str | Path) -> None:
     for leftover in old:
         if leftover.exists():
             shutil.rmtree(leftover, ignore_errors=True)
-    for unfinished in new:
-        pid = unfinished.name.rsplit(".new-", 1)[-1].split("-", 1)[0]
-        if unfinished.exists() and pid.isdigit() and not process_alive(int(pid)):
+    for unfinished in new:  # .<name>.new-<host>-<pid>-<random>
+        if unfinished.exists() and writer_gone(*tag_owner(unfinished.name.rsplit(".new-", 1)[1].rpartition("-")[0])):
             shutil.rmtree(unfinished, ignore_errors=True)
 
 
