@@ -130,3 +130,8 @@ def test_bench_summary_of_a_single_method_payload():
     assert (row["run"], row["detector"], row["seeds"]) == ("sde", "msp", 1)
     assert row["id_accuracy_mean"] == 0.9 and row["near_auroc_mean"] == pytest.approx(0.7)
     assert row["far_auroc_mean"] == pytest.approx(0.85) and row["fpr95_mean"] == pytest.approx(np.mean([0.9, 0.5, 0.3]))
+    assert row["near_fpr95_mean"] == pytest.approx(0.9) and row["far_fpr95_mean"] == pytest.approx(0.4)
+    from oodforge.bench import summary_markdown
+
+    header, _, line = summary_markdown([row], payload).splitlines()
+    assert "near FPR95" in header and "| 90.00 ± 0.00 |" in line

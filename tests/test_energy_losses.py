@@ -173,9 +173,20 @@ def test_sde_centres_start_at_hand_computed_class_means():
     features = torch.tensor([[3.0, 0.0], [0.0, 2.0], [0.0, -5.0], [0.0, -1.0]])
     labels = torch.tensor([0, 0, 1, 1])
     loss.init_centres_from(features, labels)
-    # class 0: mean of (1, 0) and (0, 1); class 1: mean of (0, -1) twice
-    assert torch.allclose(loss.centres.data, torch.tensor([[0.5, 0.5], [0.0, -1.0]]))
+    # class 0: mean of (1, 0) and (0, 1) = (0.5, 0.5), scaled to unit norm; class 1: mean of (0, -1) twice
+    half = 0.5 ** 0.5
+    assert torch.allclose(loss.centres.data, torch.tensor([[half, half], [0.0, -1.0]]))
     with pytest.raises(ValueError, match="all 2 classes"):
         loss.init_centres_from(features[:2], labels[:2])
     with pytest.raises(ValueError, match="centre_init"):
         create_loss("sde", num_classes=2, feature_dim=2, centre_init="zeros")
+
+
+def test_sde_random_centres_start_unit_norm_and_seeded():
+    torch.manual_seed(3)
+    first = create_loss("sde", num_classes=10, feature_dim=64).centres.detach().clone()
+    torch.manual_seed(3)
+    again = create_loss("sde", num_classes=10, feature_dim=64).centres.detach()
+    assert torch.allclose(first.norm(dim=1), torch.ones(10), atol=1e-6)
+    assert torch.equal(first, again)
+    assert create_loss("sde", num_classes=10, feature_dim=64).centre_init == "auto"

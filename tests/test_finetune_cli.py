@@ -58,4 +58,8 @@ def test_sde_with_class_mean_centres_starts_from_the_init_models_features(tmp_pa
                          loss_options={"centre_init": "class_means"})
     model = train(config, tmp_path / "sde", quiet=True)
     outputs = compute_outputs(base, get_benchmark("fashion_mnist").id_set("train").balanced_head(300))
-    assert torch.allclose(model.class_centres, normalized_class_means(outputs.features, outputs.labels), atol=1e-5)
+    means = torch.nn.functional.normalize(normalized_class_means(outputs.features, outputs.labels), dim=1)
+    assert torch.allclose(model.class_centres, means, atol=1e-5)
+    # centre_init=auto (the default) also starts from the class means when the recipe fine-tunes
+    auto = train(TrainConfig(init=config.init, loss="sde", epochs=0, train_subset=300), tmp_path / "auto", quiet=True)
+    assert torch.allclose(auto.class_centres, means, atol=1e-5)

@@ -118,3 +118,113 @@ def test_trials_that_do_not_fit_the_model_are_recorded_not_fatal(folders, monkey
     record = tune(oodforge.wrap_model(TinyNet()), bench, parse_detector_spec("vim")).detectors["vim"]
     assert record["chosen"] == {"dim": 4}
     assert "dim" in record["trials"][1]["error"] and np.isnan(record["trials"][1]["val_auroc"])
+
+
+def test_every_detector_records_validation_auroc_per_set_equal_to_sklearn(folders) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from oodforge.features import compute_outputs
+
+    bench = get_benchmark(str(write_benchmark(folders, "vals", {"a": "test_a"})))
+    model = oodforge.wrap_model(TinyNet())
+    tuning = tune(model, bench, parse_detector_spec("msp,react"), cache=OutputCache(folders / "cache-vals"))
+    assert set(tuning.validation_auroc) == {"msp", "react", "react[tuned]"}  # msp: defaults only (no space)
+
+    def msp(images):
+        return compute_outputs(model, images).logits.softmax(1).max(1).values.numpy()
+
+    id_scores = msp(bench.split_train()[1])
+    for name, images in bench.val_ood_sets().items():
+        ood = msp(images)
+        expected = roc_auc_score(np.r_[np.ones(len(id_scores)), np.zeros(len(ood))], np.r_[id_scores, ood])
+        assert tuning.validation_auroc["msp"]["by_set"][name] == pytest.approx(expected, abs=1e-9)
+    record = tuning.validation_auroc["msp"]
+    assert record["mean"] == pytest.approx(np.mean(list(record["by_set"].values())))
+    assert tuning.validation_auroc["react[tuned]"]["mean"] == tuning.detectors["react"]["val_auroc"]
+    assert "val_auroc_by_set" not in tuning.detectors["react"]  # moved to validation_auroc
+
+
+def test_validation_sets_from_the_training_outlier_source_are_left_out(folders) -> None:
+    bench = get_benchmark(str(write_benchmark(folders, "oe", {"a": "test_a"})))
+    model = oodforge.wrap_model(TinyNet())
+    tuning = tune(model, bench, parse_detector_spec("msp,energy"), outliers="uniform",
+                  cache=OutputCache(folders / "cache-oe"))
+    assert set(tuning.validation["ood"]) == {"shapes"}
+    assert tuning.validation["excluded"] == {"noise": "same source as the training outliers (uniform)"}
+    assert set(tuning.validation_auroc["msp"]["by_set"]) == {"shapes"}
+    plain = tune(model, bench, parse_detector_spec("msp"), cache=OutputCache(folders / "cache-oe"))
+    assert set(plain.validation_auroc["msp"]["by_set"]) == {"shapes", "noise"} and "excluded" not in plain.validation
+    assert plain.validation_auroc["msp"]["by_set"]["shapes"] == tuning.validation_auroc["msp"]["by_set"]["shapes"]
+    only_noise = yaml.safe_load(write_benchmark(folders, "noisy", {"a": "test_a"}).read_text())
+    del only_noise["val"]["ood"]["shapes"]
+    (folders / "noisy.yaml").write_text(yaml.safe_dump(only_noise))
+    with pytest.raises(ValueError, match="every validation OOD set .* training outliers 'uniform'"):
+        tune(model, get_benchmark(str(folders / "noisy.yaml")), parse_detector_spec("msp"), outliers="uniform")
+
+
+def test_training_outliers_are_read_from_oodforge_checkpoints_only(tmp_path) -> None:
+    import torch
+
+    from oodforge.model_loading import training_outliers
+
+    assert training_outliers(None) is None and training_outliers(tmp_path / "missing.ckpt") is None
+    (tmp_path / "weights.bin").write_bytes(b"not a torch file")
+    assert training_outliers(tmp_path / "weights.bin") is None
+    torch.save({"format": "oodforge-classifier", "extra": {"train_config": {"outliers": "uniform"}}},
+               tmp_path / "model.ckpt")
+    torch.save({"format": "oodforge-training", "train_config": {"outliers": "natural_patches"}}, tmp_path / "last.ckpt")
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "plain.pth")
+    assert training_outliers(tmp_path / "model.ckpt") == "uniform"
+    assert training_outliers(tmp_path / "last.ckpt") == "natural_patches"
+    assert training_outliers(tmp_path / "plain.pth") is None
+
+
+def test_cifar10_validates_on_photos_disjoint_from_the_outlier_pool() -> None:
+    from oodforge.data.datasets import NATURAL_PHOTOS, NATURAL_PHOTOS_A, NATURAL_PHOTOS_B, load_dataset, overlaps
+    from oodforge.tuning import validation_sets_apart
+
+    assert set(NATURAL_PHOTOS_A).isdisjoint(NATURAL_PHOTOS_B)
+    assert set(NATURAL_PHOTOS_A) | set(NATURAL_PHOTOS_B) == set(NATURAL_PHOTOS)
+    assert overlaps("natural_patches", "natural_patches_b") and overlaps("natural_patches_a", "natural_patches")
+    assert not overlaps("natural_patches_a", "natural_patches_b")
+    for name in ("cifar10", "cifar10_oe"):
+        bench = get_benchmark(name)
+        assert bench.val["ood"]["patches_val"]["data"] == "natural_patches_b"
+        assert validation_sets_apart(bench, "natural_patches_a") == {}
+        assert set(validation_sets_apart(bench, "natural_patches")) == {"patches_val"}
+    a, b = (load_dataset(f"natural_patches_{half}", "train") for half in "ab")
+    assert a.images.shape == b.images.shape == (10_000, 64, 64, 3)
+    # no crop of one half is a crop of the other: compare exact pixel rows of the first 500 of each
+    rows_a = {img.tobytes() for img in a.images[:500, 0]}
+    assert not rows_a & {img.tobytes() for img in b.images[:500, 0]}
+
+
+def test_bench_picks_the_pipeline_on_validation_sets_common_to_all_runs(folders) -> None:
+    from oodforge.bench import best_on_validation
+
+    path = write_benchmark(folders, "pick", {"a": "test_a"})
+    config = yaml.safe_load(path.read_text())
+    config.update(backbone="small_cnn", image_size=28)
+    path.write_text(yaml.safe_dump(config))
+    bench = folders / "bench.yaml"
+    bench.write_text(yaml.safe_dump({"benchmark": str(path), "detectors": "msp,energy", "tune": True, "seeds": [0, 1],
+                                     "defaults": {"epochs": 1, "batch_size": 8, "lr": 0.01},
+                                     "runs": [{"name": "ce"}, {"name": "oe", "outliers": "uniform"}]}))
+    out = folders / "bench"
+    result = CliRunner().invoke(app, ["bench", str(bench), "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "results.json").read_text())
+    tunings = {m: info["tuning"] for m, info in saved["methods"].items()}
+    assert set(tunings["ce-seed0"]["validation"]["ood"]) == {"shapes", "noise"}
+    assert set(tunings["oe-seed1"]["validation"]["ood"]) == {"shapes"}  # noise = the training outliers' source
+    summary = json.loads((out / "summary.json").read_text())
+    for row in summary:  # validation AUROC over the common set only, mean over the two seeds
+        per_seed = [tunings[f"{row['run']}-seed{k}"]["validation_auroc"][row["detector"]]["by_set"]["shapes"]
+                    for k in (0, 1)]
+        assert row["val_auroc_mean"] == pytest.approx(np.mean(per_seed))
+    assert {r["detector"] for r in summary} >= {"msp", "energy", "energy[tuned]"}
+    best = best_on_validation(summary)
+    assert best["val_auroc_mean"] == max(r["val_auroc_mean"] for r in summary)
+    text = (out / "summary.md").read_text()
+    assert "val AUROC" in text and f"run **{best['run']}**, detector **{best['detector']}**" in text
+    assert "mean AUROC over shapes)" in text

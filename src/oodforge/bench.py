@@ -146,7 +146,7 @@ def run_job(job: BenchJob, benchmark: Benchmark, quiet: bool = False) -> tuple[n
     copy_sample_grids(job.recipe, job.out, prefix=f"{job.run}-")  # the bench report shows them too
     evaluation = evaluate(model, benchmark, parse_detector_spec(job.detectors), method=job.method, tune=job.tune,
                           cache=OutputCache(), quiet=quiet, train_subset=job.recipe.train_subset,
-                          precision=job.recipe.precision, device=default_device())
+                          precision=job.recipe.precision, device=default_device(), outliers=job.recipe.outliers)
     evaluation.timings["train_s"] = train_s
     info = {**asdict(job.recipe), "history": model.history, "run": job.run}
     return model, evaluation, info, str(job.run_dir / MODEL_CHECKPOINT)
@@ -186,11 +186,15 @@ def run_bench(config_path: Path, out: Path, quiet: bool = False, only: list[str]
 
 
 def summarize(payload: dict) -> list[dict]:
-    """Mean and std over seeds of ID accuracy, mean near/far AUROC and mean FPR95, per (run, detector)."""
+    """Mean and std over seeds of ID accuracy, mean near/far AUROC and FPR95, and FPR95 over all OOD sets
+    (``fpr95``), per (run, detector); with tuning, also the validation AUROC (``val_auroc``) over the
+    validation sets common to all runs (``common_validation_sets``)."""
     if "methods" in payload:
         per_method = {m: info["train"]["run"] for m, info in payload["methods"].items()}
     else:  # a single method: results.json has no "methods" block
         per_method = {r["method"]: payload["train"].get("run", r["method"]) for r in payload["results"]}
+    tunings = _tunings(payload)
+    common = common_validation_sets(tunings) if len(tunings) == len(per_method) else []
     rows = []
     for run in dict.fromkeys(per_method.values()):
         methods = [m for m, r in per_method.items() if r == run]
@@ -201,15 +205,50 @@ def summarize(payload: dict) -> list[dict]:
             stats = {"run": run, "detector": detector, "seeds": len(methods)}
             stats.update(_mean_std("id_accuracy", accuracies))
             for group in ("near", "far"):
-                values = [np.mean([r["auroc"] for r in payload["results"] if r["method"] == m
-                                   and r["detector"] == detector and r["group"] == group] or [np.nan])
-                          for m in methods]
-                stats.update(_mean_std(f"{group}_auroc", values))
+                for metric in ("auroc", "fpr95"):
+                    values = [np.mean([r[metric] for r in payload["results"] if r["method"] == m
+                                       and r["detector"] == detector and r["group"] == group] or [np.nan])
+                              for m in methods]
+                    stats.update(_mean_std(f"{group}_{metric}", values))
             fprs = [np.mean([r["fpr95"] for r in payload["results"] if r["method"] == m and r["detector"] == detector])
                     for m in methods]
             stats.update(_mean_std("fpr95", fprs))
+            validation = [validation_auroc(tunings.get(m), detector, common) for m in methods]
+            if common and all(v is not None for v in validation):
+                stats.update(_mean_std("val_auroc", validation))
             rows.append(stats)
     return rows
+
+
+def _tunings(payload: dict) -> dict[str, dict]:
+    """method -> the ``tuning`` block of results.json (runs scored with ``tune``)."""
+    if "methods" in payload:
+        return {m: info["tuning"] for m, info in payload["methods"].items() if "tuning" in info}
+    return {r["method"]: payload["tuning"] for r in payload["results"]} if "tuning" in payload else {}
+
+
+def common_validation_sets(tunings: dict[str, dict]) -> list[str]:
+    """The validation OOD sets every tuned method was scored on (sets left out for a model trained against
+    their source drop out for all), so that pipelines are compared on the same data."""
+    sets = [set(t["validation"]["ood"]) for t in tunings.values() if "validation_auroc" in t]
+    if not sets or len(sets) < len(tunings):
+        return []
+    return sorted(set.intersection(*sets))
+
+
+def validation_auroc(tuning: dict | None, detector: str, sets: list[str]) -> float | None:
+    """Mean validation AUROC of ``detector`` (a results label, ``[tuned]`` included) over ``sets``."""
+    record = (tuning or {}).get("validation_auroc", {}).get(detector)
+    if not record or not sets or any(s not in record["by_set"] for s in sets):
+        return None
+    values = [record["by_set"][s] for s in sets]
+    return float(np.mean(values)) if np.isfinite(values).all() else None
+
+
+def best_on_validation(summary: list[dict]) -> dict | None:
+    """The (run, detector) row with the highest mean validation AUROC: the pipeline picked without test data."""
+    rows = [r for r in summary if np.isfinite(r.get("val_auroc_mean", np.nan))]
+    return max(rows, key=lambda r: r["val_auroc_mean"]) if rows else None
 
 
 def _mean_std(name: str, values: list[float]) -> dict[str, float]:
@@ -220,12 +259,22 @@ def _mean_std(name: str, values: list[float]) -> dict[str, float]:
 def summary_markdown(summary: list[dict], payload: dict) -> str:
     """The summary as a Markdown table (percentages, mean ± std over seeds)."""
     has_near = any(r["group"] == "near" for r in payload["results"])
-    header = ["run", "detector", "seeds", "ID acc"] + (["near AUROC"] if has_near else []) + ["far AUROC", "FPR95"]
+    header = (["run", "detector", "seeds", "ID acc"] + (["near AUROC", "near FPR95"] if has_near else [])
+              + ["far AUROC", "FPR95 (all sets)"])
+    validated = any("val_auroc_mean" in r for r in summary)
+    header += ["val AUROC"] if validated else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in summary:
         cells = [row["run"], row["detector"], str(row["seeds"]), _pm(row, "id_accuracy")]
-        cells += ([_pm(row, "near_auroc")] if has_near else []) + [_pm(row, "far_auroc"), _pm(row, "fpr95")]
+        cells += ([_pm(row, "near_auroc"), _pm(row, "near_fpr95")] if has_near else [])
+        cells += [_pm(row, "far_auroc"), _pm(row, "fpr95")]
+        cells += [_pm(row, "val_auroc") if "val_auroc_mean" in row else "–"] if validated else []
         lines.append("| " + " | ".join(cells) + " |")
+    best = best_on_validation(summary)
+    if best is not None:
+        sets = ", ".join(common_validation_sets(_tunings(payload)))
+        lines += ["", f"Best on validation data only (mean AUROC over {sets}): run **{best['run']}**, detector "
+                      f"**{best['detector']}** ({_pm(best, 'val_auroc')} on validation)."]
     return "\n".join(lines) + "\n"
 
 

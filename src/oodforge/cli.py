@@ -76,7 +76,7 @@ def _options(pairs: list[str] | None, what: str) -> dict:
 def _evaluate_and_save(model, benchmark, detectors: str, out: Path, train_info: dict, checkpoint: str | None,
                        batch_size: int, quiet: bool, cache: bool, method: str | None = None,
                        detector_dir: Path | None = None, train_subset: int | None = None,
-                       tune: bool = False, precision: str = "auto") -> dict:
+                       tune: bool = False, precision: str = "auto", outliers: str | None = None) -> dict:
     from oodforge.evaluate import evaluate, load_fitted_detectors, parse_detector_spec
     from oodforge.features import OutputCache, default_device
     from oodforge.runs import print_results, run_payload, save_run
@@ -87,7 +87,7 @@ def _evaluate_and_save(model, benchmark, detectors: str, out: Path, train_info: 
         console.print(f"reusing fitted detectors from {detector_dir}: {', '.join(fitted)}")
     evaluation = evaluate(model, benchmark, spec, method=method, device=default_device(), batch_size=batch_size,
                           cache=OutputCache(enabled=cache), quiet=quiet, fitted=fitted,
-                          train_subset=train_subset, tune=tune, precision=precision)
+                          train_subset=train_subset, tune=tune, precision=precision, outliers=outliers)
     for info in evaluation.failed.values():
         console.print(f"[yellow]warning:[/yellow] {info['error']}", highlight=False, soft_wrap=True)
     _save_detectors(evaluation, out)
@@ -210,7 +210,7 @@ def score(benchmark: str = typer.Option(..., help="Benchmark: a registered name 
     """Score a trained or pretrained classifier with post-hoc detectors on a benchmark."""
     from oodforge.data.benchmarks import get_benchmark
     from oodforge.evaluate import parse_detector_spec
-    from oodforge.model_loading import load_model
+    from oodforge.model_loading import load_model, training_outliers
     from oodforge.precision import check_precision
     from oodforge.validation import check_output_folder
 
@@ -222,7 +222,8 @@ def score(benchmark: str = typer.Option(..., help="Benchmark: a registered name 
     if tune:
         bench.check_validation()
     _evaluate_and_save(classifier, bench, detectors, out, {}, checkpoint, batch_size, quiet, cache,
-                       detector_dir=detector_dir, tune=tune, precision=precision)
+                       detector_dir=detector_dir, tune=tune, precision=precision,
+                       outliers=training_outliers(checkpoint) if tune else None)
 
 
 @app.command()

@@ -138,7 +138,7 @@ def evaluate(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, 
              method: str | None = None, device: torch.device | str = "cpu", batch_size: int = 500,
              cache: OutputCache | None = None, quiet: bool = False, root: str | Path | None = None,
              fitted: dict[str, Detector] | None = None, train_subset: int | None = None,
-             tune: bool = False, precision: str = "32-true") -> Evaluation:
+             tune: bool = False, precision: str = "32-true", outliers: str | None = None) -> Evaluation:
     """Score the ID test set and every OOD set of ``benchmark`` with each detector in ``detectors``.
 
     Detectors in ``fitted`` (e.g. a flow reloaded from an earlier run) are used as they are; the
@@ -146,6 +146,8 @@ def evaluate(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, 
     With ``tune``, each tunable detector's parameters are first chosen on the benchmark's validation
     data (``oodforge.tuning``; no test set is loaded until then) and scored as ``<label>[tuned]``
     beside its defaults; every detector then fits on the training split minus the ID validation images.
+    ``outliers``: the dataset spec the model was trained against as outliers; validation sets from that
+    source are left out of tuning.
     The network runs under ``precision`` (``auto``: bf16 autocast where the hardware has it natively;
     ``oodforge.precision``); outputs, detectors and metrics stay float32.
     """
@@ -157,7 +159,7 @@ def evaluate(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, 
         from oodforge.tuning import tune as tune_detectors
 
         tuning = tune_detectors(model, benchmark, detectors, cache=cache, device=device, batch_size=batch_size,
-                                quiet=quiet, root=root, precision=precision)
+                                quiet=quiet, root=root, precision=precision, outliers=outliers)
         detectors = tuning.tuned_spec(detectors)
     start = time.perf_counter()
     sets = scored_sets(benchmark, root)

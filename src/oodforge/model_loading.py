@@ -10,7 +10,7 @@ from torch import nn
 from oodforge.data.benchmarks import Benchmark
 from oodforge.models.adapters import build_model, wrap_model
 from oodforge.models.backbones import BACKBONES
-from oodforge.models.classifier import ModelConfig, load_classifier
+from oodforge.models.classifier import CheckpointError, ModelConfig, load_classifier, read_checkpoint
 
 SPEC_PREFIXES = ("torchvision:", "timm:", "module:")
 CIFAR_RESNETS = ("resnet20", "resnet32", "resnet44", "resnet56")
@@ -64,3 +64,15 @@ def check_model_fits(model: nn.Module, benchmark: Benchmark, what: str = "the mo
     if channels is not None and channels != benchmark.image_shape[2]:
         raise ValueError(f"{what} takes {channels}-channel images but benchmark {benchmark.name!r} has "
                          f"{benchmark.image_shape[2]}-channel images")
+
+
+def training_outliers(checkpoint: str | Path | None) -> str | None:
+    """The training-outlier source an oodforge checkpoint records (``model.ckpt`` or ``last.ckpt``), else None."""
+    if checkpoint is None or not Path(checkpoint).is_file():
+        return None
+    try:
+        state = read_checkpoint(checkpoint)
+    except CheckpointError:  # loadable by its own library (e.g. safetensors) but no oodforge checkpoint
+        return None
+    recipe = state.get("train_config") or (state.get("extra") or {}).get("train_config") or {}
+    return recipe.get("outliers") if isinstance(recipe, dict) else None

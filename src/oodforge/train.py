@@ -307,7 +307,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, quiet: 
         _set_rng_state(state["rng"])
         start_epoch, history = state["epoch"], state["history"]
     else:
-        start_centres(loss_fn, model, real)
+        start_centres(loss_fn, model, real, fine_tuning=bool(config.init))
     step, optimizer = fabric.setup(step, optimizer)
     outlier_batches = None
     if outliers is not None:
@@ -369,12 +369,14 @@ def training_device(accelerator: str) -> str:
     return "cpu"
 
 
-def start_centres(loss: nn.Module, model: Classifier, real: ImageSet) -> None:
-    """Fresh runs of ``sde`` with ``centre_init=class_means``: centres = the starting model's class means.
+def start_centres(loss: nn.Module, model: Classifier, real: ImageSet, fine_tuning: bool = False) -> None:
+    """Fresh runs of ``sde`` with ``centre_init=class_means`` (or ``auto`` when ``fine_tuning``): centres = the
+    starting model's unit-norm class means.
 
     The outputs come from the output cache, so seeds fine-tuning the same model share one forward pass.
     """
-    if getattr(loss, "centre_init", None) == "class_means":
+    init = getattr(loss, "centre_init", None)
+    if init == "class_means" or (init == "auto" and fine_tuning):
         outputs = OutputCache().outputs(model, real)
         loss.init_centres_from(outputs.features, outputs.labels)
 

@@ -1,5 +1,10 @@
 """Hyperparameter tuning on validation data only: each detector's declared search space, scored by the
 mean AUROC of ID validation images against the validation OOD sets. Test sets are never loaded here.
+
+Validation OOD sets drawn from the same source as the model's training outliers are left out (a model
+trained to reject those images would make any choice look good on them). Every detector's validation
+AUROC with its default parameters is recorded too, per set, so that pipelines (model + detector) can be
+compared on validation data alone (``validation_auroc`` in the ``tuning`` block).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import numpy as np
 import torch
 
 from oodforge.data.benchmarks import Benchmark
+from oodforge.data.datasets import overlaps
 from oodforge.detectors import Detector, ModelOutputs
 from oodforge.evaluate import build_detector, input_scores
 from oodforge.features import OutputCache, image_loader
@@ -26,8 +32,9 @@ MAX_TRIALS = 64  # a search space larger than this is cut to its first MAX_TRIAL
 class Tuning:
     """What tuning chose: per detector label, the space, the trials and the chosen values."""
 
-    validation: dict  # {"id": ..., "ood": {name: description}}
+    validation: dict  # {"id": ..., "ood": {name: description}, "excluded": {name: reason}}
     detectors: dict[str, dict] = field(default_factory=dict)
+    validation_auroc: dict[str, dict] = field(default_factory=dict)  # label -> {"mean": ..., "by_set": {...}}
     seconds: float = 0.0
 
     def tuned_spec(self, detectors: dict[str, dict]) -> dict[str, dict]:
@@ -40,7 +47,8 @@ class Tuning:
 
     def record(self) -> dict:
         """The ``tuning`` block of results.json."""
-        return {"validation": self.validation, "detectors": self.detectors, "seconds": self.seconds}
+        return {"validation": self.validation, "detectors": self.detectors,
+                "validation_auroc": self.validation_auroc, "seconds": self.seconds}
 
 
 def grid(space: dict[str, list], fixed: dict) -> list[dict]:
@@ -51,36 +59,62 @@ def grid(space: dict[str, list], fixed: dict) -> list[dict]:
     return [dict(zip(free, values, strict=True)) for values in itertools.product(*free.values())][:MAX_TRIALS]
 
 
+def validation_sets_apart(benchmark: Benchmark, outliers: str | None) -> dict[str, str]:
+    """The validation OOD sets that share a source with the training outliers ``outliers``: name -> reason."""
+    if not outliers:
+        return {}
+    return {name: f"same source as the training outliers ({outliers})"
+            for name, entry in benchmark.val.get("ood", {}).items() if overlaps(outliers, entry["data"])}
+
+
 def tune(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, dict], *,
          cache: OutputCache | None = None, device: torch.device | str = "cpu", batch_size: int = 500,
-         quiet: bool = True, root: str | Path | None = None, precision: str = "32-true") -> Tuning:
+         quiet: bool = True, root: str | Path | None = None, precision: str = "32-true",
+         outliers: str | None = None) -> Tuning:
     """Choose each tunable detector's parameters by mean validation AUROC; test sets are not opened.
 
     Detectors fit on the training split minus the ID validation hold-out (``Benchmark.split_train``);
-    each candidate scores the ID validation images against every validation OOD set.
+    each candidate scores the ID validation images against every validation OOD set except those from
+    the source of the model's training ``outliers`` (a dataset spec, e.g. ``natural_patches``).
     """
     tic = time.perf_counter()
     cache = cache or OutputCache()
     model = model.to(device).eval()
+    apart = validation_sets_apart(benchmark, outliers)
+    if apart and set(apart) >= set(benchmark.val.get("ood", {})):
+        raise ValueError(f"every validation OOD set of benchmark {benchmark.name!r} shares its source with the "
+                         f"training outliers {outliers!r}; tune on a benchmark with other validation sets")
     fit_images, val_id = benchmark.split_train(root)
-    val_ood = benchmark.val_ood_sets(root)
+    val_ood = {n: s for n, s in benchmark.val_ood_sets(root).items() if n not in apart}
     sets = {"id": val_id, **val_ood}
     outputs = {n: cache.outputs(model, s, device, batch_size, quiet, precision=precision) for n, s in sets.items()}
     train: ModelOutputs | None = None
     tuning = Tuning({"id": f"{val_id.name} ({len(val_id)} images)",
                      "ood": {n: f"{benchmark.val['ood'][n]['data']}:{benchmark.val['ood'][n].get('split', 'test')} "
-                                f"({len(s)} images)" for n, s in val_ood.items()}})
+                                f"({len(s)} images)" for n, s in val_ood.items()},
+                     **({"excluded": apart} if apart else {})})
     with progress_bar(quiet) as bar:
         task = bar.add_task("tuning", total=len(detectors))
         for label, options in detectors.items():
             bar.update(task, status=label)
             default = build_detector(label, options)
-            trials = grid(type(default).search_space, options) if default.supports(model) else []
+            if not default.supports(model):
+                bar.advance(task)
+                continue
+            if default.needs_fit and train is None:
+                train = cache.outputs(model, fit_images, device, batch_size, quiet, precision=precision)
+            try:
+                by_set = _validation_aurocs(default, model, train, outputs, sets, device, batch_size, precision)
+                tuning.validation_auroc[label] = {"mean": _mean(by_set), "by_set": by_set}
+            except ValueError as exc:  # defaults that do not fit this model; its trials may still
+                tuning.validation_auroc[label] = {"mean": float("nan"), "by_set": {},
+                                                  "error": str(exc).splitlines()[0]}
+            trials = grid(type(default).search_space, options)
             if trials:
-                if default.needs_fit and train is None:
-                    train = cache.outputs(model, fit_images, device, batch_size, quiet, precision=precision)
-                tuning.detectors[label] = _search(label, options, trials, model, train, outputs, sets, device,
-                                                  batch_size, precision)
+                record = _search(label, options, trials, model, train, outputs, sets, device, batch_size, precision)
+                tuning.detectors[label] = record
+                tuning.validation_auroc[f"{label}[tuned]"] = {"mean": record["val_auroc"],
+                                                              "by_set": record.pop("val_auroc_by_set")}
             bar.advance(task)
     tuning.seconds = time.perf_counter() - tic
     return tuning
@@ -89,25 +123,31 @@ def tune(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, dict
 def _search(label: str, options: dict, trials: list[dict], model, train, outputs, sets, device,
             batch_size: int, precision: str) -> dict:
     """Score every trial on the validation sets; the best mean AUROC wins (ties: the earlier trial)."""
-    results = []
+    results, by_set = [], []
     for params in trials:
         detector = build_detector(label, {**options, **params})
         try:
-            auroc = _validation_auroc(detector, model, train, outputs, sets, device, batch_size, precision)
-            results.append({"params": params, "val_auroc": auroc})
+            by_set.append(_validation_aurocs(detector, model, train, outputs, sets, device, batch_size, precision))
+            results.append({"params": params, "val_auroc": _mean(by_set[-1])})
         except ValueError as exc:  # values that do not fit this model (e.g. a ViM dim >= the feature size)
+            by_set.append({})
             results.append({"params": params, "val_auroc": float("nan"), "error": str(exc).splitlines()[0]})
-    finite = [r for r in results if np.isfinite(r["val_auroc"])]
+    finite = [i for i, r in enumerate(results) if np.isfinite(r["val_auroc"])]
     if not finite:
         raise ValueError(f"tuning {label}: every trial gave non-finite validation scores")
-    best = max(finite, key=lambda r: r["val_auroc"])
+    best = max(finite, key=lambda i: results[i]["val_auroc"])
     space = {k: v for k, v in type(build_detector(label, options)).search_space.items() if k in trials[0]}
-    return {"space": space, "chosen": best["params"], "val_auroc": best["val_auroc"], "trials": results}
+    return {"space": space, "chosen": results[best]["params"], "val_auroc": results[best]["val_auroc"],
+            "val_auroc_by_set": by_set[best], "trials": results}
 
 
-def _validation_auroc(detector: Detector, model, train, outputs, sets, device, batch_size: int,
-                      precision: str = "32-true") -> float:
-    """Mean AUROC of the ID validation set against each validation OOD set."""
+def _mean(by_set: dict[str, float]) -> float:
+    return float(np.mean(list(by_set.values()))) if by_set else float("nan")
+
+
+def _validation_aurocs(detector: Detector, model, train, outputs, sets, device, batch_size: int,
+                       precision: str = "32-true") -> dict[str, float]:
+    """AUROC of the ID validation set against each validation OOD set (NaN for all if a score is not finite)."""
     detector.prepare(train, model)
     scores = {}
     for name in outputs:
@@ -116,6 +156,6 @@ def _validation_auroc(detector: Detector, model, train, outputs, sets, device, b
                                         precision).numpy()
         else:
             scores[name] = detector.score_outputs(outputs[name]).numpy()
-    if not all(np.isfinite(s).all() for s in scores.values()):
-        return float("nan")
-    return float(np.mean([ood_metrics(scores["id"], s)["auroc"] for n, s in scores.items() if n != "id"]))
+    finite = all(np.isfinite(s).all() for s in scores.values())
+    return {n: float(ood_metrics(scores["id"], s)["auroc"]) if finite else float("nan")
+            for n, s in scores.items() if n != "id"}

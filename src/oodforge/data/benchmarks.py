@@ -179,14 +179,14 @@ _register(Benchmark("cifar10", "cifar10",
                     {"tiny_imagenet": "near", "mnist": "far", "dtd": "far", "gaussian": "far"},
                     (32, 32, 3), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
                     augment="crop_flip", default_backbone="resnet20",
-                    val=_val(patches_val=("natural_patches", "train", "near"), mnist_train=("mnist", "train", "far"),
+                    val=_val(patches_val=("natural_patches_b", "train", "near"), mnist_train=("mnist", "train", "far"),
                              uniform_val=("uniform", "train", "far"))))
 _register(Benchmark("cifar10_oe", "cifar10",
                     {"tiny_imagenet_b": "near", "mnist": "far", "dtd": "far", "gaussian": "far"},
                     (32, 32, 3), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
                     augment="crop_flip", default_backbone="resnet20",
                     notes={"outliers": "train outliers from tiny_imagenet_a (disjoint classes)"},
-                    val=_val(patches_val=("natural_patches", "train", "near"), mnist_train=("mnist", "train", "far"),
+                    val=_val(patches_val=("natural_patches_b", "train", "near"), mnist_train=("mnist", "train", "far"),
                              uniform_val=("uniform", "train", "far"))))
 
 

@@ -458,8 +458,15 @@ NATURAL_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins",
                   "gravel", "hubble_deep_field", "immunohistochemistry", "retina", "clock")
 
 
+# two disjoint halves of the photos: ``natural_patches_a`` for training outliers, ``natural_patches_b`` for
+# validation, so that a model trained against outliers is still tuned and selected on photos it never saw
+NATURAL_PHOTOS_B = ("chelsea", "astronaut", "camera", "moon", "grass")
+NATURAL_PHOTOS_A = tuple(p for p in NATURAL_PHOTOS if p not in NATURAL_PHOTOS_B)
+
+
 @DATASETS.register("natural_patches")
-def natural_patches(root: Path, split: str, image_shape: Shape = None, count: int = 10_000) -> ImageSet:
+def natural_patches(root: Path, split: str, image_shape: Shape = None, count: int = 10_000,
+                    photos: tuple[str, ...] = NATURAL_PHOTOS, name: str = "natural_patches") -> ImageSet:
     """Random square crops (32-160 px, resized to 64x64 RGB) of the photos bundled with scikit-image.
 
     A small outlier pool that needs no download; ``split`` picks the seed (train 1, test 0).
@@ -467,24 +474,39 @@ def natural_patches(root: Path, split: str, image_shape: Shape = None, count: in
     import skimage.data
 
     rng = np.random.default_rng(1 if split == "train" else 0)
-    photos = []
-    for photo in NATURAL_PHOTOS:
+    photos_ = []
+    for photo in photos:
         array = np.asarray(getattr(skimage.data, photo)())
-        photos.append(np.repeat(array[:, :, None], 3, axis=2) if array.ndim == 2 else array[:, :, :3])
+        photos_.append(np.repeat(array[:, :, None], 3, axis=2) if array.ndim == 2 else array[:, :, :3])
     out = np.empty((count, 64, 64, 3), np.uint8)
     for i in range(count):
-        photo = photos[rng.integers(len(photos))]
+        photo = photos_[rng.integers(len(photos_))]
         side = int(rng.integers(32, min(160, *photo.shape[:2]) + 1))
         top, left = (int(rng.integers(0, photo.shape[k] - side + 1)) for k in (0, 1))
         crop = Image.fromarray(photo[top:top + side, left:left + side]).resize((64, 64), Image.BILINEAR)
         out[i] = np.asarray(crop)
-    return ImageSet("natural_patches", out, np.full(count, -1, np.int64))
+    return ImageSet(name, out, np.full(count, -1, np.int64))
+
+
+@DATASETS.register("natural_patches_a")
+def natural_patches_a(root: Path, split: str, image_shape: Shape = None) -> ImageSet:
+    """``natural_patches`` from the photos of ``NATURAL_PHOTOS_A`` only (a training-outlier pool)."""
+    return natural_patches(root, split, image_shape, photos=NATURAL_PHOTOS_A, name="natural_patches_a")
+
+
+@DATASETS.register("natural_patches_b")
+def natural_patches_b(root: Path, split: str, image_shape: Shape = None) -> ImageSet:
+    """``natural_patches`` from the photos of ``NATURAL_PHOTOS_B`` only (disjoint from ``natural_patches_a``)."""
+    return natural_patches(root, split, image_shape, photos=NATURAL_PHOTOS_B, name="natural_patches_b")
 
 
 OVERLAPS: dict[str, set[str]] = {
     "tiny_imagenet": {"tiny_imagenet_a", "tiny_imagenet_b"},
     "tiny_imagenet_a": {"tiny_imagenet"},
     "tiny_imagenet_b": {"tiny_imagenet"},
+    "natural_patches": {"natural_patches_a", "natural_patches_b"},
+    "natural_patches_a": {"natural_patches"},
+    "natural_patches_b": {"natural_patches"},
 }
 
 

@@ -53,7 +53,8 @@ def _check_non_negative(**values: float) -> None:
 
 
 class ClusterFocalLoss(nn.Module):
-    """Cluster focal loss over learnable class centres ``centres`` (C, D), drawn from N(0, 1).
+    """Cluster focal loss over learnable class centres ``centres`` (C, D), drawn from N(0, 1) and scaled to
+    unit norm (an unnormalized draw has norm ~sqrt(D) and turns ~D times more slowly under the same lr).
 
     The centres are drawn from torch's global generator, so the caller's seed fixes them.
     """
@@ -69,7 +70,7 @@ class ClusterFocalLoss(nn.Module):
             raise ValueError(f"scale must be positive, got {scale}")
         self.gamma = gamma
         self.scale = scale
-        self.centres = nn.Parameter(torch.randn(num_classes, feature_dim))
+        self.centres = nn.Parameter(F.normalize(torch.randn(num_classes, feature_dim), dim=1))
 
     def forward(self, features: Tensor, labels: Tensor) -> Tensor:
         return cluster_focal_loss(features, labels, self.centres, self.gamma, self.scale)
@@ -96,6 +97,9 @@ class EnergyBoundedLoss(nn.Module):
         return F.cross_entropy(batch.logits, batch.labels) + self.weight * bounded
 
 
+CENTRE_INITS = ("auto", "random", "class_means")  # auto: class means when fine-tuning, else random
+
+
 @LOSSES.register("sde")
 class SemanticEnergyLoss(nn.Module):
     """CE + weight * energy-bounded term + cfl_weight * CFL + repel_weight * outlier repulsion.
@@ -118,13 +122,14 @@ class SemanticEnergyLoss(nn.Module):
         gamma: float = 2.0,
         scale: float = 16.0,
         margin: float = 0.0,
-        centre_init: str = "random",
+        centre_init: str = "auto",
     ) -> None:
         super().__init__()
         _check_non_negative(weight=weight, cfl_weight=cfl_weight, repel_weight=repel_weight)
-        if centre_init not in ("random", "class_means"):
-            raise ValueError(f"centre_init must be 'random' or 'class_means', got {centre_init!r}")
-        self.centre_init = centre_init  # "class_means": the training loop calls init_centres_from first
+        if centre_init not in CENTRE_INITS:
+            raise ValueError(f"centre_init must be one of {', '.join(CENTRE_INITS)}, got {centre_init!r}")
+        # "class_means" (and "auto" when fine-tuning): the training loop calls init_centres_from first
+        self.centre_init = centre_init
         self.energy = EnergyBoundedLoss(weight, m_in, m_out)
         self.cluster_focal = ClusterFocalLoss(num_classes, feature_dim, gamma, scale)
         self.cfl_weight = cfl_weight
@@ -138,11 +143,11 @@ class SemanticEnergyLoss(nn.Module):
 
     @torch.no_grad()
     def init_centres_from(self, features: Tensor, labels: Tensor) -> None:
-        """Set the centres to the means of the L2-normalized ``features`` of each class (all must occur)."""
+        """Set the centres to the unit-norm means of the L2-normalized ``features`` of each class (all must occur)."""
         classes = torch.unique(labels)
         if len(classes) != self.centres.shape[0]:
             raise ValueError(f"class-mean centres need all {self.centres.shape[0]} classes, got {len(classes)}")
-        self.centres.copy_(normalized_class_means(features, labels))
+        self.centres.copy_(F.normalize(normalized_class_means(features, labels), dim=1))
 
     def forward(self, batch: LossInputs) -> Tensor:
         loss = self.energy(batch) + self.cfl_weight * self.cluster_focal(batch.features, batch.labels)
