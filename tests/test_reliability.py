@@ -182,3 +182,21 @@ def test_unknown_head_or_loss_option_is_one_line(tmp_path) -> None:
     line = _one_error(runner.invoke(app, ["train", "--loss", "ls", "--loss-option", "bogus=1", "--out", str(out),
                                           "--quiet"]))
     assert "loss 'ls' has no option 'bogus'; its options: eps" in line
+
+
+def test_shipped_bench_configs_load_and_every_recipe_validates(tmp_path) -> None:
+    from pathlib import Path
+
+    from oodforge.bench import bench_recipes, benchmark_reference, load_bench_config
+    from oodforge.data.benchmarks import get_benchmark
+    from oodforge.evaluate import parse_detector_spec
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "configs").glob("*.yaml"))
+    assert len(configs) >= 10
+    for path in configs:
+        config = load_bench_config(path)
+        reference = benchmark_reference(config.get("benchmark", "fashion_mnist"), path)
+        get_benchmark(reference)
+        parse_detector_spec(config.get("detectors", "msp"))
+        recipes = bench_recipes(config, reference, tmp_path / path.stem)
+        assert recipes, path.name
