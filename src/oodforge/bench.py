@@ -193,6 +193,9 @@ def summarize(payload: dict) -> list[dict]:
         per_method = {m: info["train"]["run"] for m, info in payload["methods"].items()}
     else:  # a single method: results.json has no "methods" block
         per_method = {r["method"]: payload["train"].get("run", r["method"]) for r in payload["results"]}
+    rows_of: dict[tuple[str, str], list[dict]] = {}  # (method, detector) -> its result rows
+    for r in payload["results"]:
+        rows_of.setdefault((r["method"], r["detector"]), []).append(r)
     tunings = _tunings(payload)
     common = common_validation_sets(tunings) if len(tunings) == len(per_method) else []
     rows = []
@@ -204,15 +207,11 @@ def summarize(payload: dict) -> list[dict]:
         for detector in detectors:
             stats = {"run": run, "detector": detector, "seeds": len(methods)}
             stats.update(_mean_std("id_accuracy", accuracies))
-            for group in ("near", "far"):
-                for metric in ("auroc", "fpr95"):
-                    values = [np.mean([r[metric] for r in payload["results"] if r["method"] == m
-                                       and r["detector"] == detector and r["group"] == group] or [np.nan])
-                              for m in methods]
-                    stats.update(_mean_std(f"{group}_{metric}", values))
-            fprs = [np.mean([r["fpr95"] for r in payload["results"] if r["method"] == m and r["detector"] == detector])
-                    for m in methods]
-            stats.update(_mean_std("fpr95", fprs))
+            for group in ("near", "far", None):  # None: every OOD set
+                for metric in ("auroc", "fpr95") if group else ("fpr95",):
+                    values = [np.mean([r[metric] for r in rows_of[(m, detector)] if group in (None, r["group"])]
+                                      or [np.nan]) for m in methods]
+                    stats.update(_mean_std(f"{group}_{metric}" if group else metric, values))
             validation = [validation_auroc(tunings.get(m), detector, common) for m in methods]
             if common and all(v is not None for v in validation):
                 stats.update(_mean_std("val_auroc", validation))

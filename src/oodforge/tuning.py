@@ -103,42 +103,62 @@ def tune(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, dict
                 continue
             if default.needs_fit and train is None:
                 train = cache.outputs(model, fit_images, device, batch_size, quiet, precision=precision)
-            try:
-                by_set = _validation_aurocs(default, model, train, outputs, sets, device, batch_size, precision)
-                tuning.validation_auroc[label] = {"mean": _mean(by_set), "by_set": by_set}
-            except ValueError as exc:  # defaults that do not fit this model; its trials may still
-                tuning.validation_auroc[label] = {"mean": float("nan"), "by_set": {},
-                                                  "error": str(exc).splitlines()[0]}
+            outcome = _try_validation(default, model, train, outputs, sets, device, batch_size, precision)
+            tuning.validation_auroc[label] = _auroc_record(outcome)
             trials = grid(type(default).search_space, options)
-            if trials:
-                record = _search(label, options, trials, model, train, outputs, sets, device, batch_size, precision)
+            if trials:  # the trial with the default values reuses the default's scores
+                defaults = {k: getattr(default, k) for k in trials[0] if hasattr(default, k)}
+                record, by_set = _search(label, options, trials, model, train, outputs, sets, device, batch_size,
+                                         precision, known=(defaults, outcome))
                 tuning.detectors[label] = record
-                tuning.validation_auroc[f"{label}[tuned]"] = {"mean": record["val_auroc"],
-                                                              "by_set": record.pop("val_auroc_by_set")}
+                tuning.validation_auroc[f"{label}[tuned]"] = {"mean": record["val_auroc"], "by_set": by_set}
             bar.advance(task)
     tuning.seconds = time.perf_counter() - tic
     return tuning
 
 
 def _search(label: str, options: dict, trials: list[dict], model, train, outputs, sets, device,
-            batch_size: int, precision: str) -> dict:
-    """Score every trial on the validation sets; the best mean AUROC wins (ties: the earlier trial)."""
+            batch_size: int, precision: str, known: tuple[dict, dict | str] | None = None) -> tuple[dict, dict]:
+    """Score every trial on the validation sets; the best mean AUROC wins (ties: the earlier trial).
+
+    ``known``: (params, outcome) already scored, reused for the trial with those params. Returns the
+    record and the chosen trial's AUROC per validation set.
+    """
     results, by_set = [], []
     for params in trials:
-        detector = build_detector(label, {**options, **params})
-        try:
-            by_set.append(_validation_aurocs(detector, model, train, outputs, sets, device, batch_size, precision))
-            results.append({"params": params, "val_auroc": _mean(by_set[-1])})
-        except ValueError as exc:  # values that do not fit this model (e.g. a ViM dim >= the feature size)
-            by_set.append({})
-            results.append({"params": params, "val_auroc": float("nan"), "error": str(exc).splitlines()[0]})
+        if known is not None and params == known[0]:
+            outcome = known[1]
+        else:
+            detector = build_detector(label, {**options, **params})
+            outcome = _try_validation(detector, model, train, outputs, sets, device, batch_size, precision)
+        record = _auroc_record(outcome)
+        by_set.append(record["by_set"])
+        results.append({"params": params, "val_auroc": record["mean"],
+                        **({"error": record["error"]} if "error" in record else {})})
     finite = [i for i, r in enumerate(results) if np.isfinite(r["val_auroc"])]
     if not finite:
         raise ValueError(f"tuning {label}: every trial gave non-finite validation scores")
     best = max(finite, key=lambda i: results[i]["val_auroc"])
     space = {k: v for k, v in type(build_detector(label, options)).search_space.items() if k in trials[0]}
-    return {"space": space, "chosen": results[best]["params"], "val_auroc": results[best]["val_auroc"],
-            "val_auroc_by_set": by_set[best], "trials": results}
+    return ({"space": space, "chosen": results[best]["params"], "val_auroc": results[best]["val_auroc"],
+             "trials": results}, by_set[best])
+
+
+def _try_validation(detector: Detector, model, train, outputs, sets, device, batch_size: int,
+                    precision: str) -> dict[str, float] | str:
+    """AUROC per validation set, or the first line of the error of values that do not fit this model
+    (e.g. a ViM dim >= the feature size)."""
+    try:
+        return _validation_aurocs(detector, model, train, outputs, sets, device, batch_size, precision)
+    except ValueError as exc:
+        return str(exc).splitlines()[0]
+
+
+def _auroc_record(outcome: dict[str, float] | str) -> dict:
+    """{"mean", "by_set"} of a validation outcome, with "error" (and a NaN mean) when it failed."""
+    if isinstance(outcome, str):
+        return {"mean": float("nan"), "by_set": {}, "error": outcome}
+    return {"mean": _mean(outcome), "by_set": outcome}
 
 
 def _mean(by_set: dict[str, float]) -> float:

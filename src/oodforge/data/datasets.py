@@ -474,13 +474,13 @@ def natural_patches(root: Path, split: str, image_shape: Shape = None, count: in
     import skimage.data
 
     rng = np.random.default_rng(1 if split == "train" else 0)
-    photos_ = []
+    arrays = []
     for photo in photos:
         array = np.asarray(getattr(skimage.data, photo)())
-        photos_.append(np.repeat(array[:, :, None], 3, axis=2) if array.ndim == 2 else array[:, :, :3])
+        arrays.append(np.repeat(array[:, :, None], 3, axis=2) if array.ndim == 2 else array[:, :, :3])
     out = np.empty((count, 64, 64, 3), np.uint8)
     for i in range(count):
-        photo = photos_[rng.integers(len(photos_))]
+        photo = arrays[rng.integers(len(arrays))]
         side = int(rng.integers(32, min(160, *photo.shape[:2]) + 1))
         top, left = (int(rng.integers(0, photo.shape[k] - side + 1)) for k in (0, 1))
         crop = Image.fromarray(photo[top:top + side, left:left + side]).resize((64, 64), Image.BILINEAR)
