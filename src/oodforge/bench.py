@@ -26,9 +26,11 @@ from torch import nn
 
 from oodforge.data.benchmarks import Benchmark, get_benchmark
 from oodforge.evaluate import Evaluation, evaluate, parse_detector_spec
+from oodforge.evaluation_store import EVALUATION_JSON, evaluation_key, load_evaluation, save_evaluation
 from oodforge.executors import check_executor, check_resources, run_jobs
 from oodforge.features import OutputCache, default_device
 from oodforge.io import read_yaml_mapping
+from oodforge.precision import resolve_precision
 from oodforge.runs import print_results, run_payload, save_run
 from oodforge.train import MODEL_CHECKPOINT, TrainConfig, copy_sample_grids, train, with_recipe_detectors
 
@@ -118,15 +120,17 @@ class BenchJob:
     needs: tuple[str, ...]  # methods whose files this job reads (run after them)
     detectors: str  # the config's detectors plus the recipe's own
     tune: bool
+    rescore: bool = False  # score again even when the run folder holds this model's evaluation
 
     @property
     def method(self) -> str:
         return f"{self.run}-seed{self.seed}"
 
 
-def bench_jobs(config: dict, reference: str, out: Path) -> list[BenchJob]:
+def bench_jobs(config: dict, reference: str, out: Path, rescore: bool = False) -> list[BenchJob]:
     """One job per run x seed, in config order; a job whose paths point into an earlier job's folder
-    (``init: "{out}/ce/seed{seed}/model.ckpt"``) names that job in ``needs``."""
+    (``init: "{out}/ce/seed{seed}/model.ckpt"``) names that job in ``needs``; ``rescore``: score every job
+    again instead of reusing stored evaluations."""
     jobs: list[BenchJob] = []
     for run, seed, recipe in bench_recipes(config, reference, out):
         paths = [str(getattr(recipe, key)) + os.sep for key in PATH_KEYS if getattr(recipe, key)]
@@ -134,30 +138,42 @@ def bench_jobs(config: dict, reference: str, out: Path) -> list[BenchJob]:
         needs = tuple(job.method for job in jobs if any(str(job.run_dir) + os.sep in p for p in paths))
         jobs.append(BenchJob(run["name"], seed, recipe, run_dir, out, needs,
                              with_recipe_detectors(config.get("detectors", DEFAULT_DETECTORS), recipe),
-                             bool(config.get("tune", False))))
+                             bool(config.get("tune", False)), rescore))
     return jobs
 
 
 def run_job(job: BenchJob, benchmark: Benchmark, quiet: bool = False) -> tuple[nn.Module, Evaluation, dict, str]:
-    """Train (resuming from ``run_dir/last.ckpt``) and score one job: its ``run_payload`` entry."""
+    """Train (resuming from ``run_dir/last.ckpt``) and score one job: its ``run_payload`` entry. The evaluation
+    is stored in the run folder and reused while the model and the way it is scored stay the same
+    (``oodforge.evaluation_store``), unless ``job.rescore``."""
     tic = time.perf_counter()
     model = train(job.recipe, job.run_dir, resume=True, quiet=quiet)
     train_s = time.perf_counter() - tic
     copy_sample_grids(job.recipe, job.out, prefix=f"{job.run}-")  # the bench report shows them too
-    evaluation = evaluate(model, benchmark, parse_detector_spec(job.detectors), method=job.method, tune=job.tune,
-                          cache=OutputCache(), quiet=quiet, train_subset=job.recipe.train_subset,
-                          precision=job.recipe.precision, device=default_device(), outliers=job.recipe.outliers)
+    device = default_device()
+    key = evaluation_key(model, benchmark, job.detectors, tune=job.tune, outliers=job.recipe.outliers,
+                         train_subset=job.recipe.train_subset, precision=resolve_precision(job.recipe.precision,
+                                                                                           device))
+    evaluation = None if job.rescore else load_evaluation(job.run_dir, key)
+    if evaluation is None:
+        evaluation = evaluate(model, benchmark, parse_detector_spec(job.detectors), method=job.method,
+                              tune=job.tune, cache=OutputCache(), quiet=quiet, train_subset=job.recipe.train_subset,
+                              precision=job.recipe.precision, device=device, outliers=job.recipe.outliers)
+        save_evaluation(job.run_dir, key, evaluation)
+    elif not quiet:
+        Console().print(f"{job.method}: evaluation reused from {job.run_dir / EVALUATION_JSON}")
     evaluation.timings["train_s"] = train_s
     info = {**asdict(job.recipe), "history": model.history, "run": job.run}
     return model, evaluation, info, str(job.run_dir / MODEL_CHECKPOINT)
 
 
 def run_bench(config_path: Path, out: Path, quiet: bool = False, only: list[str] | None = None,
-              executor: str = "local", address: str | None = None) -> dict:
+              executor: str = "local", address: str | None = None, rescore: bool = False) -> dict:
     """Train and score every run x seed of the config (or the runs named in ``only``); write the run + summary.
 
-    Finished runs are not trained again, and their model outputs come from the cache, so running the
-    parts of a config separately (``only``) and then the whole config is cheap and gives one table.
+    Finished runs are not trained again and finished evaluations are not redone (``rescore`` redoes them),
+    so running the parts of a config separately (``only``) and then the whole config is cheap and gives
+    one table.
     ``executor="ray"`` runs each run x seed as a Ray task (``oodforge.executors``), on the cluster at
     ``address`` or on a local Ray instance; the files written are the same as with ``"local"``.
     """
@@ -172,7 +188,7 @@ def run_bench(config_path: Path, out: Path, quiet: bool = False, only: list[str]
     reference = benchmark_reference(config.get("benchmark", "fashion_mnist"), config_path)
     benchmark = get_benchmark(reference)
     parse_detector_spec(config.get("detectors", DEFAULT_DETECTORS))  # fail before any training
-    jobs = bench_jobs(config, reference, out)
+    jobs = bench_jobs(config, reference, out, rescore)
     done = run_jobs(executor, run_job, jobs, benchmark, quiet=quiet, resources=config.get("resources"),
                     address=address)
     payload, scores = run_payload(benchmark, {job.method: done[job.method] for job in jobs})  # config order

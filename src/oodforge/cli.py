@@ -236,13 +236,17 @@ def bench(config: Path = typer.Argument(..., help="YAML file: benchmark, detecto
                                                      "run x seed a Ray task; needs the [ray] extra)."),
           address: str | None = typer.Option(None, help="With --executor ray: the Ray cluster (auto, "
                                                         "ray://HEAD:10001); default: a local Ray instance."),
+          rescore: bool = typer.Option(False, "--rescore", help="Score every run x seed again, even those whose "
+                                                                "run folder holds an evaluation of the same model "
+                                                                "made the same way."),
           quiet: bool = typer.Option(False, "--quiet")) -> None:
     """Train and score several recipes (and seeds) from a config file into one results.json + report."""
     from oodforge.bench import run_bench
     from oodforge.validation import check_output_folder
 
     check_output_folder(out, "--out")
-    run_bench(config, out, quiet=quiet, only=runs.split(",") if runs else None, executor=executor, address=address)
+    run_bench(config, out, quiet=quiet, only=runs.split(",") if runs else None, executor=executor, address=address,
+              rescore=rescore)
 
 
 @app.command()

@@ -102,9 +102,12 @@ class Evaluation:
     tuning: dict | None = None
     failed: dict[str, dict] = field(default_factory=dict)  # detectors dropped for non-finite scores
     precision: str = "32-true"  # of the network's passes (outputs, detectors and metrics are float32)
+    records: dict[str, dict] | None = None  # detector records of a stored evaluation (no fitted detectors kept)
 
     def detector_records(self) -> dict[str, dict]:
         """{label: name, parameters and needs} of every detector scored, for results.json."""
+        if self.records is not None:
+            return dict(self.records)
         return {label: detector_record(d) for label, d in self.detectors.items()}
 
 
