@@ -193,6 +193,13 @@ def test_presets() -> None:
     small, large = preset_for(28, 1, 10), preset_for(32, 3, 100)
     assert small.block_out_channels == (32, 64, 64) and small.num_classes == 10
     assert large.channels == 3 and large.num_classes == 100 and large.attention
+    assert preset_for(28, 1, 10, "cpu") == small and preset_for(32, 3, 100, "gpu") == large
+    rgb_cpu = preset_for(32, 3, 10, "cpu")
+    assert rgb_cpu.channels == 3 and rgb_cpu.block_out_channels == (64, 128, 128) and not rgb_cpu.attention
+    parameters = sum(p.numel() for p in build_model(replace(rgb_cpu, bf16=False)).parameters())
+    assert 4e6 < parameters < 5e6  # the size the README's 2-hour CPU budget was measured for
+    with pytest.raises(ValueError, match="preset must be one of"):
+        preset_for(32, 3, 10, "tpu")
     build_model(replace(small, bf16=False))
     with pytest.raises(ValueError, match="divisible"):
         DiffusionConfig(image_size=28, block_out_channels=(32, 64, 64, 64))

@@ -54,3 +54,22 @@ def test_sample_rejects_a_bad_kind_and_a_missing_generator(tmp_path):
     result = runner.invoke(app, ["generate", "sample", "--generator", str(tmp_path / "none.ckpt"), "--kind", "odd",
                                  "--out", str(tmp_path / "o"), "--quiet"])
     assert result.exit_code == 2 and "--kind" in result.output
+
+
+def test_generate_train_on_cifar10_takes_the_cpu_preset_and_refuses_an_unknown_one(tmp_path):
+    from conftest import real_root
+
+    real_root("cifar10-jpeg.tar.gz")
+    result = runner.invoke(app, ["generate", "train", "--dataset", "cifar10", "--preset", "tpu", "--out",
+                                 str(tmp_path / "bad"), "--quiet"])
+    assert result.exit_code == 2 and "--preset" in result.output and "tpu" in result.output
+    assert not (tmp_path / "bad" / "diffusion.ckpt").exists()
+    gen = tmp_path / "gen"
+    result = runner.invoke(app, ["generate", "train", "--dataset", "cifar10", "--subset", "20", "--epochs", "1",
+                                 "--batch-size", "10", "--device", "cpu", "--out", str(gen), "--quiet"])
+    assert result.exit_code == 0, result.output
+    import torch
+
+    config = torch.load(gen / "diffusion.ckpt", weights_only=False, map_location="cpu")["config"]
+    assert config["channels"] == 3 and config["image_size"] == 32  # auto on a CPU: the cpu preset
+    assert tuple(config["block_out_channels"]) == (64, 128, 128) and config["epochs"] == 1
