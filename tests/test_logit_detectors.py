@@ -115,6 +115,11 @@ def test_odin_with_zero_epsilon_is_temperature_scaled_msp(model_and_inputs) -> N
         expected = torch.softmax(model.logits(x) / 10.0, dim=1).max(dim=1).values
     assert scores.shape == (8,)
     torch.testing.assert_close(scores, expected)
+    passes = []
+    real_logits = model.logits
+    model.logits = lambda inputs: passes.append(torch.is_grad_enabled()) or real_logits(inputs)
+    ODIN(temperature=10.0, epsilon=0.0).score(model, x)
+    assert passes == [False]  # one forward pass, no input gradient (a tuning grid has 4 such trials)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 1000.0])
