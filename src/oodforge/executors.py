@@ -15,7 +15,7 @@ import math
 import os
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import replace
 from typing import Any, Protocol
 
 import torch
@@ -203,8 +203,8 @@ def ray_job(work: Callable, job: Job, args: tuple, board: Any, threads: int) -> 
 def portable(model: torch.nn.Module, evaluation: Evaluation, info: dict, checkpoint: str | None) -> tuple:
     """A ``run_payload`` entry light to ship to the driver: the model's description and size, not its weights
     (which may sit on a GPU the driver lacks), and the detectors' records, not their state (a kNN bank)."""
-    kept = {f.name: getattr(evaluation, f.name) for f in fields(Evaluation) if f.name != "detectors"}
-    return ModelRecord(model), RecordedEvaluation(**kept, records=evaluation.detector_records()), info, checkpoint
+    light = replace(evaluation, detectors={}, records=evaluation.detector_records())
+    return ModelRecord(model), light, info, checkpoint
 
 
 class ModelRecord:
@@ -220,13 +220,3 @@ class ModelRecord:
 
     def parameters(self) -> list[torch.Size]:
         return [torch.Size(shape) for shape in self.shapes]  # each has numel(), as a parameter does
-
-
-@dataclass
-class RecordedEvaluation(Evaluation):
-    """An ``Evaluation`` without its fitted detectors, only what results.json says of them."""
-
-    records: dict[str, dict] = field(default_factory=dict)
-
-    def detector_records(self) -> dict[str, dict]:
-        return self.records
