@@ -97,3 +97,25 @@ def test_bad_precision_is_refused_at_the_door(tmp_path):
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="half").validate()
     assert TrainConfig().precision == "auto"
+
+
+def test_cosine_head_logits_stay_float32_and_distinct_under_bf16():
+    from oodforge.models.classifier import ModelConfig, build_classifier
+
+    torch.manual_seed(0)
+    model = build_classifier(ModelConfig(backbone="small_cnn", head="cosface", num_classes=10, in_channels=1,
+                                         mean=(0.5,), std=(0.25,))).eval()
+    x = torch.rand(64, 1, 28, 28)
+    with torch.no_grad(), autocast("bf16-mixed", "cpu"):
+        features, logits = model.features_and_logits(x)
+        plain = model.logits(x)
+    assert features.dtype == torch.bfloat16 and logits.dtype == torch.float32 and plain.dtype == torch.float32
+    expected = model.head(features.float())  # the head's own float32 maths on the bf16 features
+    torch.testing.assert_close(logits, expected)
+    top = logits.max(dim=1).values
+    assert len(torch.unique(top)) == len(top)  # a bf16 matmul gives s*cos (|s| = 30) in steps of 0.125: ties
+    with torch.no_grad(), autocast("bf16-mixed", "cpu"):
+        bf16_top = model.head.scale * torch.nn.functional.linear(
+            torch.nn.functional.normalize(features, dim=1),
+            torch.nn.functional.normalize(model.head.weight, dim=1).to(torch.bfloat16)).max(dim=1).values
+    assert len(torch.unique(bf16_top)) < len(top)  # what the float32 head avoids

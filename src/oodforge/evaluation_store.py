@@ -24,6 +24,7 @@ from oodforge.evaluate import Evaluation, scored_sets
 from oodforge.features import model_fingerprint
 from oodforge.run_folder import finish_pending, scores_digest, write_together
 
+EVALUATION_FORMAT = 2  # raised when the way oodforge scores changes (2: heads run in float32 under bf16)
 EVALUATION_JSON = "evaluation.json"
 EVALUATION_SCORES = "evaluation.npz"
 
@@ -41,7 +42,7 @@ def evaluation_key(model: nn.Module, benchmark: Benchmark, detectors: str, *, tu
     sets = {name: images.fingerprint() for name, images in scored_sets(benchmark).items()}
     parts = {"model": model_fingerprint(model), "benchmark": dataclasses.asdict(benchmark), "sets": sets,
              "detectors": detectors, "tune": tune, "outliers": outliers, "train_subset": train_subset,
-             "precision": precision, "oodforge": _oodforge_version()}
+             "precision": precision, "oodforge": _oodforge_version(), "format": EVALUATION_FORMAT}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 

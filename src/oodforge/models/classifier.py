@@ -46,12 +46,18 @@ class Classifier(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         """Test-time logits f(x), shape (N, C)."""
-        return self.head(self.features(x))
+        return self.run_head(self.features(x))
 
     def features_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(features, test-time logits) from one forward pass."""
         features = self.features(x)
-        return features, self.head(features)
+        return features, self.run_head(features)
+
+    def run_head(self, features: Tensor, labels: Tensor | None = None) -> Tensor:
+        """The head in float32 even under autocast: bf16 logits of a cosine head (s * cos, about 30) would
+        come in steps of 0.125 and turn most scores built on them into ties."""
+        with torch.autocast(features.device.type, enabled=False):
+            return self.head(features.float(), labels)
 
     @property
     def num_classes(self) -> int:
@@ -64,7 +70,7 @@ class Classifier(nn.Module):
 
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         """Logits; with ``labels`` during training, margin heads apply their margins."""
-        return self.head(self.features(x), labels)
+        return self.run_head(self.features(x), labels)
 
 
 def build_classifier(config: ModelConfig) -> Classifier:
