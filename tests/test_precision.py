@@ -65,7 +65,7 @@ def test_cache_keeps_float32_and_bf16_outputs_apart(tmp_path):
     full = cache.outputs(model, images, precision="32-true")
     half = cache.outputs(model, images, precision="bf16-mixed")
     entries = sorted(p.name for p in next(tmp_path.iterdir()).iterdir())
-    assert len(entries) == 2 and entries[1] == entries[0] + "@bf16-mixed"
+    assert len(entries) == 2 and entries[1] == entries[0] + "@bf16-mixed.head32"
     assert not torch.equal(full.logits, half.logits)
     assert torch.equal(cache.outputs(model, images, precision="bf16-mixed").logits, half.logits)
 

@@ -253,7 +253,7 @@ class OutputCache:
     def entry(self, model: nn.Module, images: Images, precision: str = "32-true", model_key: str | None = None
               ) -> Path:
         """The cache folder of ``model``'s outputs on ``images`` under a resolved ``precision``."""
-        suffix = "" if precision == "32-true" else f"@{precision}"
+        suffix = "" if precision == "32-true" else f"@{precision}.head32"  # bf16 outputs since heads run in float32
         return (self.folder / (model_key or model_fingerprint(model))
                 / f"{_slug(images.name)}-{images.fingerprint()}{suffix}")
 
