@@ -71,7 +71,7 @@ class ODIN(Detector):
         model = classifier_view(model)
         if self.epsilon == 0:  # no input step: no gradient needed
             with torch.no_grad():
-                return torch.softmax(model.logits(x).float() / self.temperature, dim=1).max(dim=1).values
+                return self._scaled_msp(model.logits(x))
         x = x.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             logits = model.logits(x) / self.temperature
@@ -79,9 +79,11 @@ class ODIN(Detector):
             (grad,) = torch.autograd.grad(loss, x)
         x_perturbed = x.detach() - self.epsilon * grad.sign()
         with torch.no_grad():
-            logits = model.logits(x_perturbed) / self.temperature
-        return torch.softmax(logits.float(), dim=1).max(dim=1).values
+            return self._scaled_msp(model.logits(x_perturbed))
+
+    def _scaled_msp(self, logits: Tensor) -> Tensor:
+        return torch.softmax(logits.float() / self.temperature, dim=1).max(dim=1).values
 
     def _score(self, outputs: ModelOutputs) -> Tensor:
         """Without inputs ODIN reduces to temperature-scaled MSP (epsilon = 0)."""
-        return torch.softmax(outputs.logits.float() / self.temperature, dim=1).max(dim=1).values
+        return self._scaled_msp(outputs.logits)

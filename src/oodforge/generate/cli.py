@@ -44,9 +44,7 @@ def train_generator(dataset: str = typer.Option("fashion_mnist", help="Registere
     if subset:
         images = images.balanced_head(subset)
     height, _, channels = images.image_shape
-    if preset == "auto" and target.type != "cuda":
-        preset = "cpu"
-    config = preset_for(height, channels, len(images.classes), preset)
+    config = preset_for(height, channels, len(images.classes), preset, on_gpu=target.type == "cuda")
     overrides = {k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v is not None}
     config = replace(config, seed=seed, bf16=bf16, **overrides)
     path = train_diffusion(images, config, out, resume=resume, quiet=quiet, device=device)

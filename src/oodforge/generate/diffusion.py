@@ -90,9 +90,10 @@ class DiffusionConfig:
 PRESETS = ("auto", "cpu", "gpu")
 
 
-def preset_for(image_size: int, channels: int, num_classes: int, preset: str = "auto") -> DiffusionConfig:
-    """Default config: ``cpu`` (sized for a few CPU cores) or ``gpu``; ``auto`` is ``cpu`` for grayscale
-    images up to 32 px and ``gpu`` otherwise (``generate train --preset auto`` picks by device instead).
+def preset_for(image_size: int, channels: int, num_classes: int, preset: str = "auto",
+               on_gpu: bool = True) -> DiffusionConfig:
+    """Default config: ``cpu`` (sized for a few CPU cores) or ``gpu``; ``auto`` is ``cpu`` without a GPU
+    (``on_gpu`` False) or for grayscale images up to 32 px, and ``gpu`` otherwise.
 
     The grayscale CPU preset makes 2 passes over Fashion-MNIST (1874 steps of 64 images). Measured on 2
     AVX512-BF16 CPU cores (``benchmarks/diffusion_fmnist.py``): 200-280 images/s when idle (about 10
@@ -105,7 +106,7 @@ def preset_for(image_size: int, channels: int, num_classes: int, preset: str = "
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     if preset == "auto":
-        preset = "cpu" if channels == 1 and image_size <= 32 else "gpu"
+        preset = "cpu" if not on_gpu or (channels == 1 and image_size <= 32) else "gpu"
     if preset == "cpu" and channels == 1 and image_size <= 32:
         return DiffusionConfig(
             image_size=image_size, channels=channels, num_classes=num_classes,
