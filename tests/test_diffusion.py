@@ -189,6 +189,45 @@ def test_interpolating_with_alpha_one_reproduces_the_class(trained) -> None:
     np.testing.assert_array_equal(outlier.images, expected)
 
 
+def test_interrupted_sampling_continues_from_its_stored_batches(trained, tmp_path, monkeypatch) -> None:
+    """A job killed after its first batch resumes with the rest only and returns the uninterrupted images."""
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    with torch.no_grad():
+        vectors = trained.model.embed(labels)
+    expected = sample_embeddings(trained, vectors, seed=5, steps=3, batch_size=2, quiet=True)
+    real_denoise, calls = diffusion._denoise, []
+
+    def failing_second_batch(*args, **kwargs):
+        calls.append(len(args[1]))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_denoise(*args, **kwargs)
+
+    folder = tmp_path / "batches"
+    monkeypatch.setattr(diffusion, "_denoise", failing_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        sample_embeddings(trained, vectors, seed=5, steps=3, batch_size=2, quiet=True, chunks=folder)
+    assert sorted(p.name for p in folder.glob("batch-*.npy")) == ["batch-00000000.npy"]
+
+    calls.clear()
+    monkeypatch.setattr(diffusion, "_denoise", lambda *a, **k: (calls.append(len(a[1])), real_denoise(*a, **k))[1])
+    resumed = sample_embeddings(trained, vectors, seed=5, steps=3, batch_size=2, quiet=True, chunks=folder)
+    assert calls == [2, 1]  # batches 2:4 and 4:5 only; 0:2 came from disk
+    np.testing.assert_array_equal(resumed, expected)
+    calls.clear()
+    again = sample_embeddings(trained, vectors, seed=5, steps=3, batch_size=2, quiet=True, chunks=folder)
+    assert calls == [] and np.array_equal(again, expected)
+
+
+def test_sampling_refuses_the_batches_of_another_job(trained, tmp_path) -> None:
+    folder = tmp_path / "batches"
+    sample_id(trained, per_class=1, seed=0, steps=2, batch_size=2, quiet=True, chunks=folder)
+    with pytest.raises(ValueError, match=r"batches.*another sampling job.*seed"):
+        sample_id(trained, per_class=1, seed=1, steps=2, batch_size=2, quiet=True, chunks=folder)
+    with pytest.raises(ValueError, match=r"another sampling job.*batch_size"):
+        sample_id(trained, per_class=1, seed=0, steps=2, batch_size=3, quiet=True, chunks=folder)
+
+
 def test_presets() -> None:
     small, large = preset_for(28, 1, 10), preset_for(32, 3, 100)
     assert small.block_out_channels == (32, 64, 64) and small.num_classes == 10

@@ -3,11 +3,15 @@
 import json
 
 import numpy as np
+import torch
 from typer.testing import CliRunner
 
 from conftest import needs_mnist_family
 from oodforge.cli import app
 from oodforge.data.datasets import load_dataset
+from oodforge.generate.diffusion import load_generator
+from oodforge.generate.sample_chunks import SampleChunks, job_key
+from oodforge.precision import resolve_precision
 
 runner = CliRunner()
 
@@ -68,8 +72,45 @@ def test_generate_train_on_cifar10_takes_the_cpu_preset_and_refuses_an_unknown_o
     result = runner.invoke(app, ["generate", "train", "--dataset", "cifar10", "--subset", "20", "--epochs", "1",
                                  "--batch-size", "10", "--device", "cpu", "--out", str(gen), "--quiet"])
     assert result.exit_code == 0, result.output
-    import torch
-
     config = torch.load(gen / "diffusion.ckpt", weights_only=False, map_location="cpu")["config"]
     assert config["channels"] == 3 and config["image_size"] == 32  # auto on a CPU: the cpu preset
     assert tuple(config["block_out_channels"]) == (64, 128, 128) and config["epochs"] == 1
+
+
+@needs_mnist_family
+def test_sample_resumes_from_batches_beside_out_and_removes_them_when_done(tmp_path):
+    gen = tmp_path / "gen"
+    result = runner.invoke(app, ["generate", "train", "--dataset", "fashion_mnist", "--subset", "64", "--epochs", "1",
+                                 "--batch-size", "32", "--out", str(gen), "--quiet"])
+    assert result.exit_code == 0, result.output
+    args = ["generate", "sample", "--generator", str(gen / "diffusion.ckpt"), "--kind", "id", "--per-class", "1",
+            "--steps", "2", "--batch-size", "4", "--quiet"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "whole")])
+    assert result.exit_code == 0, result.output
+    whole = np.load(tmp_path / "whole" / "images.npy")
+    assert not (tmp_path / ".whole.batches").exists()  # removed once the set is written
+
+    batches = tmp_path / ".part.batches"  # as an interrupted run of the same job would have left them
+    model = load_generator(gen / "diffusion.ckpt", device="cpu")
+    bf16 = resolve_precision("auto", model.device) == "bf16-mixed"  # what the CLI samples with
+    with torch.no_grad():
+        vectors = model.model.embed(torch.arange(10))
+    store = SampleChunks(batches, job_key(model.model_hash, vectors, 0, 2.0, 2, 4, bf16)).open()
+    marked = whole[:4].copy()
+    marked[:, 0, 0, 0] = 7  # ... marked, to see that they are reused rather than recomputed
+    store.save(0, marked)
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "part")])
+    assert result.exit_code == 0, result.output
+    part = np.load(tmp_path / "part" / "images.npy")
+    np.testing.assert_array_equal(part[:4], marked)
+    np.testing.assert_array_equal(part[4:], whole[4:])
+    assert not batches.exists()
+
+    foreign = tmp_path / ".other.batches"
+    SampleChunks(foreign, {"model_hash": "elsewhere"}).open()
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "other")])
+    assert result.exit_code == 2 and ".other.batches" in result.output and "another sampling job" in result.output
+    assert not (tmp_path / "other").exists()
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "other"), "--no-resume"])
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(np.load(tmp_path / "other" / "images.npy"), whole)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -63,10 +64,14 @@ def sample(generator: Path = typer.Option(..., help="A diffusion.ckpt written by
            device: str = typer.Option("auto"),
            precision: str = typer.Option("auto", help="auto (bf16-mixed where the device runs bf16 natively, "
                                          "else 32-true), 32-true or bf16-mixed."),
+           resume: bool = typer.Option(True, help="Keep finished batches in .OUT.batches beside OUT and reuse "
+                                       "those of an interrupted run of the same job; --no-resume starts over."),
            quiet: bool = typer.Option(False, "--quiet")) -> None:
-    """Sample a synthetic set (images, labels or class pairs, manifest, grid.png) into OUT."""
+    """Sample a synthetic set (images, labels or class pairs, manifest, grid.png) into OUT; an interrupted
+    run continues from its last finished batch."""
     from oodforge.data.synthetic import write_synthetic
     from oodforge.generate.diffusion import load_generator, sample_id, sample_interpolated
+    from oodforge.generate.sample_chunks import chunks_folder
     from oodforge.validation import check_output_folder
 
     if out.exists() and not out.is_dir():
@@ -79,9 +84,13 @@ def sample(generator: Path = typer.Option(..., help="A diffusion.ckpt written by
     check_precision(precision)
     model = load_generator(generator, device=device)
     model.config = replace(model.config, bf16=resolve_precision(precision, model.device) == "bf16-mixed")
+    batches = chunks_folder(out)
+    if not resume:
+        shutil.rmtree(batches, ignore_errors=True)
     if kind == "id":
-        images = sample_id(model, per_class, seed, guidance, steps, batch_size, quiet)
+        images = sample_id(model, per_class, seed, guidance, steps, batch_size, quiet, batches)
     else:
-        images = sample_interpolated(model, n, alpha_range, seed, guidance, steps, batch_size, quiet)
+        images = sample_interpolated(model, n, alpha_range, seed, guidance, steps, batch_size, quiet, batches)
     folder = write_synthetic(out, images, images.manifest, getattr(images, "extra", None))
+    shutil.rmtree(batches, ignore_errors=True)
     console.print(f"wrote {len(images)} images to {folder} (grid: {folder / 'grid.png'})")

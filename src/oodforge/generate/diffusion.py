@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from oodforge.data.imageset import ImageSet
 from oodforge.data.synthetic import SyntheticSet
+from oodforge.generate.sample_chunks import SampleChunks, job_key
 from oodforge.io import atomic_torch_save
 from oodforge.models.classifier import CheckpointError, file_hash, read_checkpoint
 from oodforge.precision import cpu_has_native_bf16
@@ -438,19 +439,21 @@ def sample_id(
     steps: int = 50,
     batch_size: int = 256,
     quiet: bool = False,
+    chunks: str | Path | None = None,
 ) -> SyntheticSet:
     """``per_class`` images of every class (class-major order, labels = class).
 
     DDIM with ``steps`` steps (eta = 0) and classifier-free guidance: eps = eps_null + guidance *
     (eps_class - eps_null), so ``guidance=1`` is plain conditional sampling. The same ``seed`` and
-    arguments give identical images.
+    arguments give identical images. ``chunks``: a folder keeping finished batches (see
+    ``sample_embeddings``), so an interrupted call continues where it stopped.
     """
     if per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {per_class}")
     labels = np.repeat(np.arange(generator.config.num_classes, dtype=np.int64), per_class)
     with torch.no_grad():
         embeddings = generator.model.embed(torch.from_numpy(labels).to(generator.device))
-    pixels = sample_embeddings(generator, embeddings, seed, guidance, steps, batch_size, quiet)
+    pixels = sample_embeddings(generator, embeddings, seed, guidance, steps, batch_size, quiet, chunks)
     manifest = _manifest(generator, "id", seed, guidance, steps, None) | {"per_class": per_class}
     return SyntheticSet("synthetic-id", pixels, labels, generator.classes, manifest)
 
@@ -464,11 +467,12 @@ def sample_interpolated(
     steps: int = 50,
     batch_size: int = 256,
     quiet: bool = False,
+    chunks: str | Path | None = None,
 ) -> SyntheticSet:
     """``n`` outliers conditioned on a*e_i + (1-a)*e_j: pairs i != j uniform, a ~ U[alpha_range]; labels -1.
 
-    The pairs (N, 2) and alphas (N,) are returned in ``.extra``. Sampling as in ``sample_id``, with the
-    interpolated embedding in place of the class embedding.
+    The pairs (N, 2) and alphas (N,) are returned in ``.extra``. Sampling as in ``sample_id`` (``chunks``
+    included), with the interpolated embedding in place of the class embedding.
     """
     low, high = (float(a) for a in alpha_range)
     if n < 1 or not 0.0 <= low <= high <= 1.0:
@@ -484,7 +488,7 @@ def sample_interpolated(
     with torch.no_grad():
         embeddings = interpolate_embeddings(generator.model.label_embedding.weight, torch.from_numpy(first),
                                             torch.from_numpy(second), torch.from_numpy(alphas).float())
-    pixels = sample_embeddings(generator, embeddings, seed, guidance, steps, batch_size, quiet)
+    pixels = sample_embeddings(generator, embeddings, seed, guidance, steps, batch_size, quiet, chunks)
     manifest = _manifest(generator, "interpolated", seed, guidance, steps, [low, high])
     extra = {"pairs": np.stack([first, second], axis=1).astype(np.int64), "alphas": alphas.astype(np.float32)}
     return SyntheticSet("synthetic-interpolated", pixels, np.full(n, -1, np.int64), generator.classes,
@@ -500,11 +504,15 @@ def sample_embeddings(
     steps: int = 50,
     batch_size: int = 256,
     quiet: bool = False,
+    chunks: str | Path | None = None,
 ) -> np.ndarray:
     """uint8 (N, H, W, C) images conditioned on class-embedding vectors ``embeddings`` (N, D).
 
     Image k starts from the k-th noise image drawn from ``seed``, so calls with the same seed and N
-    share their starting noise (useful for sweeping alpha with everything else fixed).
+    share their starting noise (useful for sweeping alpha with everything else fixed). With ``chunks``
+    (a folder), every finished batch is stored there and batches already stored by the same job (same
+    model, conditions, seed, guidance, steps, batch size, precision) are read back instead of sampled;
+    a folder holding another job's batches raises ``ValueError``.
     """
     config = generator.config
     if guidance < 0 or not 1 <= steps <= config.num_train_timesteps or batch_size < 1:
@@ -515,13 +523,24 @@ def sample_embeddings(
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     null = generator.model.embed(torch.tensor([config.null_class], device=generator.device))
     out = np.empty((count, config.image_size, config.image_size, config.channels), np.uint8)
+    store = None
+    if chunks is not None:
+        key = job_key(generator.model_hash, embeddings, seed, guidance, steps, batch_size, config.bf16)
+        store = SampleChunks(chunks, key).open()
     with _progress(quiet) as progress:
         task = progress.add_task("sampling", total=math.ceil(count / batch_size) * steps)
         for start in range(0, count, batch_size):
             stop = min(start + batch_size, count)
+            done = store.load(start, stop) if store is not None else None
+            if done is not None:
+                out[start:stop] = done
+                progress.advance(task, steps)
+                continue
             x = _denoise(generator, noise[start:stop].to(generator.device), embeddings[start:stop], null,
                          guidance, steps, lambda: progress.advance(task))
             out[start:stop] = _to_uint8(x)
+            if store is not None:
+                store.save(start, out[start:stop])
     return out
 
 
