@@ -132,6 +132,23 @@ def test_kill_mid_epoch_then_resume(toy_images, two_epochs, tmp_path, monkeypatc
     assert states_equal(two_epochs["optimizer"]["state"][0], resumed["optimizer"]["state"][0])
 
 
+def test_training_time_adds_up_over_resumes_and_a_log_file_gets_a_line_per_checkpoint(
+        toy_images, tmp_path, monkeypatch, capsys) -> None:
+    ticks = iter(range(0, 10_000, 10))  # every perf_counter call is 10 "seconds" after the previous one
+    monkeypatch.setattr(diffusion.time, "perf_counter", lambda: float(next(ticks)))
+    first = torch.load(train_diffusion(toy_images, TINY, tmp_path, device="cpu", checkpoint_every=2),
+                       weights_only=True)
+    assert first["train_seconds"] > 0 and first["history"][0]["train_seconds"] >= first["train_seconds"] - 10
+    resumed = torch.load(train_diffusion(toy_images, replace(TINY, epochs=2), tmp_path, device="cpu",
+                                         checkpoint_every=2), weights_only=True)
+    assert resumed["train_seconds"] > first["train_seconds"]  # the second run adds to the first one's time
+    assert resumed["history"][1]["train_seconds"] > first["train_seconds"]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("diffusion epoch")]
+    assert len(lines) == 4  # steps 2 and 3 (end of epoch 1), then 4 and 6 (end of epoch 2) after the resume
+    assert lines[1].startswith("diffusion epoch 1/1, step 3/3:") and "images/s" in lines[1]
+    assert lines[-1].startswith("diffusion epoch 2/2, step 6/6:") and "checkpoint saved" in lines[-1]
+
+
 def test_resume_refuses_a_different_config(toy_images, tmp_path) -> None:
     train_diffusion(toy_images, TINY, tmp_path, quiet=True, device="cpu")
     with pytest.raises(CheckpointError, match="lr"):

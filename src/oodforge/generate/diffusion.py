@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -211,6 +212,7 @@ class _TrainState:
     global_step: int = 0
     loss_sum: float = 0.0
     history: list | None = None
+    train_seconds: float = 0.0  # wall time of the training up to the last checkpoint, summed over resumes
 
 
 def train_diffusion(
@@ -257,6 +259,21 @@ def _train_epochs(state: _TrainState, images: ImageSet, config: DiffusionConfig,
                                  completed=per_epoch * state.epoch + state.step_in_epoch)
         if state.global_step and not quiet:
             progress.console.print(f"resuming at epoch {state.epoch + 1}, step {state.step_in_epoch + 1}")
+        clock = {"time": time.perf_counter(), "step": state.global_step}
+        log = not quiet and not progress.console.is_terminal  # a log file gets a line per checkpoint instead
+
+        def checkpoint() -> None:
+            now = time.perf_counter()
+            state.train_seconds += now - clock["time"]
+            save()
+            if log:
+                rate = (state.global_step - clock["step"]) * config.batch_size / max(now - clock["time"], 1e-9)
+                progress.console.print(f"diffusion epoch {state.epoch + (state.step_in_epoch > 0)}/{config.epochs}, "
+                                       f"step {state.global_step}/{per_epoch * config.epochs}: {rate:.0f} images/s, "
+                                       f"{state.train_seconds / 60:.1f} min of training so far; checkpoint saved",
+                                       soft_wrap=True)
+            clock.update(time=time.perf_counter(), step=state.global_step)
+
         while state.epoch < config.epochs:
             order = _epoch_order(len(images), config.seed, state.epoch)
             for batch in range(state.step_in_epoch, per_epoch):
@@ -267,11 +284,12 @@ def _train_epochs(state: _TrainState, images: ImageSet, config: DiffusionConfig,
                 progress.update(task, advance=1, description=f"diffusion epoch {state.epoch + 1}/"
                                 f"{config.epochs} loss {state.loss_sum / state.step_in_epoch:.4f}")
                 if checkpoint_every and state.global_step % checkpoint_every == 0 and batch + 1 < per_epoch:
-                    save()
+                    checkpoint()
             state.history.append({"epoch": state.epoch + 1, "loss": state.loss_sum / per_epoch,
-                                  "steps": state.global_step})
+                                  "steps": state.global_step,
+                                  "train_seconds": state.train_seconds + time.perf_counter() - clock["time"]})
             state.epoch, state.step_in_epoch, state.loss_sum = state.epoch + 1, 0, 0.0
-            save()
+            checkpoint()
 
 
 def _train_step(state: _TrainState, scheduler: DDPMScheduler, pixels: Tensor, labels: Tensor,
@@ -338,6 +356,7 @@ def _save(state: _TrainState, config: DiffusionConfig, classes: list[str], finge
         "global_step": state.global_step,
         "loss_sum": state.loss_sum,
         "history": state.history,
+        "train_seconds": state.train_seconds,
         "rng": state.rng.get_state(),
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -367,6 +386,7 @@ def _restore(state: _TrainState, checkpoint: dict, config: DiffusionConfig, fing
         state.epoch, state.step_in_epoch = int(checkpoint["epoch"]), int(checkpoint["step_in_epoch"])
         state.global_step, state.loss_sum = int(checkpoint["global_step"]), float(checkpoint["loss_sum"])
         state.history = list(checkpoint["history"])
+        state.train_seconds = float(checkpoint.get("train_seconds", 0.0))  # absent before 2026-11-24
     except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         raise CheckpointError(f"cannot resume from {path}: {exc.__class__.__name__}: {exc}") from exc
 
