@@ -16,13 +16,17 @@ from oodforge.precision import resolve_precision
 runner = CliRunner()
 
 
+def train_tiny_generator(out, subset: int, batch_size: int):
+    """``generate train`` for one epoch on ``subset`` Fashion-MNIST images; returns the checkpoint path."""
+    result = runner.invoke(app, ["generate", "train", "--dataset", "fashion_mnist", "--subset", str(subset),
+                                 "--epochs", "1", "--batch-size", str(batch_size), "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return out / "diffusion.ckpt"
+
+
 @needs_mnist_family
 def test_generate_then_train_on_generated_data(tmp_path):
-    gen = tmp_path / "gen"
-    result = runner.invoke(app, ["generate", "train", "--dataset", "fashion_mnist", "--subset", "128", "--epochs", "1",
-                                 "--batch-size", "64", "--out", str(gen), "--quiet"])
-    assert result.exit_code == 0, result.output
-    ckpt = gen / "diffusion.ckpt"
+    ckpt = train_tiny_generator(tmp_path / "gen", subset=128, batch_size=64)
     sets = {}
     for kind, extra in (("id", ["--per-class", "3"]), ("interpolated", ["--n", "24", "--alpha-range", "0.4", "0.6"])):
         sets[kind] = tmp_path / kind
@@ -79,11 +83,8 @@ def test_generate_train_on_cifar10_takes_the_cpu_preset_and_refuses_an_unknown_o
 
 @needs_mnist_family
 def test_sample_resumes_from_batches_beside_out_and_removes_them_when_done(tmp_path):
-    gen = tmp_path / "gen"
-    result = runner.invoke(app, ["generate", "train", "--dataset", "fashion_mnist", "--subset", "64", "--epochs", "1",
-                                 "--batch-size", "32", "--out", str(gen), "--quiet"])
-    assert result.exit_code == 0, result.output
-    args = ["generate", "sample", "--generator", str(gen / "diffusion.ckpt"), "--kind", "id", "--per-class", "1",
+    ckpt = train_tiny_generator(tmp_path / "gen", subset=64, batch_size=32)
+    args = ["generate", "sample", "--generator", str(ckpt), "--kind", "id", "--per-class", "1",
             "--steps", "2", "--batch-size", "4", "--quiet"]
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "whole")])
     assert result.exit_code == 0, result.output
@@ -91,7 +92,7 @@ def test_sample_resumes_from_batches_beside_out_and_removes_them_when_done(tmp_p
     assert not (tmp_path / ".whole.batches").exists()  # removed once the set is written
 
     batches = tmp_path / ".part.batches"  # as an interrupted run of the same job would have left them
-    model = load_generator(gen / "diffusion.ckpt", device="cpu")
+    model = load_generator(ckpt, device="cpu")
     bf16 = resolve_precision("auto", model.device) == "bf16-mixed"  # what the CLI samples with
     with torch.no_grad():
         vectors = model.model.embed(torch.arange(10))
