@@ -1,8 +1,12 @@
-"""How good are the generated Fashion-MNIST sets? Classifiers trained on real data judge them.
+"""How good are the generated sets (Fashion-MNIST, CIFAR-10)? Classifiers trained on real data judge them.
 
     python benchmarks/synthetic_quality.py \
         --models runs/bench-fmnist_sio/ce/seed{0,1,2}/model.ckpt \
         --id-set runs/synthetic/fmnist-id --interp-set runs/synthetic/fmnist-interp
+    python benchmarks/synthetic_quality.py --benchmark cifar10 \
+        --models runs/cifar10_scratch/ce/seed{0,1,2}/model.ckpt \
+        --id-set runs/synthetic/cifar10-id --interp-set runs/synthetic/cifar10-interp \
+        --out benchmarks/results/cifar10_synthetic_quality
 
 For each classifier (trained on real images only): accuracy on the real test set and on the synthetic
 ID set (the generator's class-conditional quality), and on the label-interpolated set the share of
@@ -61,12 +65,13 @@ def markdown(rows: list[dict], manifests: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--benchmark", default="fashion_mnist", help="whose real test set the classifiers judge")
     parser.add_argument("--models", type=Path, nargs="+", required=True)
     parser.add_argument("--id-set", type=Path, required=True)
     parser.add_argument("--interp-set", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "synthetic_quality")
     args = parser.parse_args()
-    real = get_benchmark("fashion_mnist").id_set("test")
+    real = get_benchmark(args.benchmark).id_set("test")
     synthetic_id = load_dataset(f"synthetic:{args.id_set}")
     interpolated = load_dataset(f"synthetic:{args.interp_set}")
     rows = [judge(path, real, synthetic_id, interpolated) for path in args.models]
