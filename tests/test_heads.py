@@ -76,6 +76,24 @@ def test_arcface_training_logits_and_fallback():
     assert logits[0, 0].item() == pytest.approx(30 * math.cos(PI / 12), abs=1e-4)
 
 
+def test_arcface_easy_margin_keeps_the_plain_cosine_where_it_is_negative():
+    head = planar_head(ArcFace, easy_margin=True).train()
+    # label 0 at theta_y = pi/3 (cos 0.5 > 0): margin applied as without the option
+    logits = head(at_angles(PI / 3), torch.tensor([0]))
+    assert logits[0, 0].item() == pytest.approx(30 * math.cos(PI / 3 + 0.5), abs=1e-4)
+    # label 2 at theta_y = 11pi/12 (cos < 0): plain s * cos(theta_y), no fallback
+    logits = head(at_angles(PI / 12), torch.tensor([2]))
+    assert logits[0, 2].item() == pytest.approx(30 * math.cos(11 * PI / 12), abs=1e-4)
+    # label 1 at theta_y = pi/2 + pi/12 (cos < 0, theta_y + m < pi): the default applies the margin, easy does not
+    default = planar_head(ArcFace).train()(at_angles(PI + PI / 12), torch.tensor([1]))
+    assert default[0, 1].item() == pytest.approx(30 * math.cos(PI / 2 + PI / 12 + 0.5), abs=1e-4)
+    easy = head(at_angles(PI + PI / 12), torch.tensor([1]))
+    assert easy[0, 1].item() == pytest.approx(30 * math.cos(PI / 2 + PI / 12), abs=1e-4)
+    assert create_head("arcface", 4, 3, easy_margin=True).easy_margin
+    with pytest.raises(ValueError, match="easy_margin"):
+        create_head("arcface", 4, 3, easy_margin="sometimes")
+
+
 def test_sphereface_training_logits():
     head = planar_head(SphereFace).train()
     # theta_y = pi/3, m * theta_y < pi: k = 0, psi = cos(1.35 * pi/3)

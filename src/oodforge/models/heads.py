@@ -95,17 +95,25 @@ class ArcFace(CosineHead):
 
     Where theta_y + m > pi (i.e. cos(theta_y) < cos(pi - m)) cos(theta_y + m) would stop decreasing
     in theta_y, so the target there is the usual fallback cos(theta_y) - m * sin(pi - m)
-    (= cos(theta_y) - m * sin(m); "easy margin" off).
+    (= cos(theta_y) - m * sin(m)). ``easy_margin=True`` (insightface's option) instead applies the margin only
+    where cos(theta_y) > 0 and keeps cos(theta_y) elsewhere: from scratch on post-ReLU (non-negative) features the
+    default ArcFace here settled with every class weight pointing away from the features (README, issue 15).
     """
 
-    def __init__(self, feature_dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.5) -> None:
+    def __init__(self, feature_dim: int, num_classes: int, scale: float = 30.0, margin: float = 0.5,
+                 easy_margin: bool = False) -> None:
         super().__init__(feature_dim, num_classes, scale)
         if not 0.0 <= margin < math.pi:
             raise ValueError(f"ArcFace: margin must be in [0, pi), got margin={margin}")
+        if not isinstance(easy_margin, bool):
+            raise ValueError(f"ArcFace: easy_margin must be true or false, got easy_margin={easy_margin!r}")
         self.margin = margin
+        self.easy_margin = easy_margin
 
     def target_cosine(self, cos_y: Tensor) -> Tensor:
         with_margin = torch.cos(angle(cos_y) + self.margin)
+        if self.easy_margin:
+            return torch.where(cos_y > 0, with_margin, cos_y)
         fallback = cos_y - self.margin * math.sin(math.pi - self.margin)
         return torch.where(cos_y >= math.cos(math.pi - self.margin), with_margin, fallback)
 
