@@ -22,7 +22,7 @@ def train_generator(dataset: str = typer.Option("fashion_mnist", help="Registere
                     subset: int | None = typer.Option(None, help="Train on N images only (class-balanced)."),
                     seed: int = typer.Option(0), device: str = typer.Option("auto"),
                     preset: str = typer.Option("auto", help="Model size: cpu (a few CPU cores; RGB 32x32: 4.6M "
-                                               "parameters, ~3.4 h on one core), gpu (RGB: 41M) or auto (cpu without "
+                                               "parameters, ~3.5 h on one core), gpu (RGB: 41M) or auto (cpu without "
                                                "a CUDA device; on one, gpu for RGB and cpu for small grayscale)."),
                     precision: str = typer.Option("auto", help="auto (bf16-mixed where the device runs bf16 "
                                                   "natively, else 32-true), 32-true or bf16-mixed."),
