@@ -167,24 +167,37 @@ def run_job(job: BenchJob, benchmark: Benchmark, quiet: bool = False) -> tuple[n
     return model, evaluation, info, str(job.run_dir / MODEL_CHECKPOINT)
 
 
+def select_part(config: dict, path: Path, only: list[str] | None = None, seeds: list[int] | None = None) -> dict:
+    """The config with only the runs named in ``only`` and the seeds in ``seeds`` (None: all); unknown ones refused."""
+    names = [run["name"] for run in config["runs"]]
+    unknown = sorted(set(only or []) - set(names))
+    if unknown:
+        raise ValueError(f"{path}: no runs named {unknown}; the runs are {names}")
+    runs = [run for run in config["runs"] if not only or run["name"] in only]
+    if seeds is not None:
+        own = {run["name"]: run.get("seeds", config.get("seeds", [0])) for run in runs}
+        missing = sorted(set(seeds) - {seed for listed in own.values() for seed in listed})
+        if missing:
+            raise ValueError(f"--seeds: {missing} not among the seeds of the selected runs "
+                             f"({sorted({seed for listed in own.values() for seed in listed})}) in {path}")
+        runs = [{**run, "seeds": [s for s in own[run["name"]] if s in seeds]} for run in runs]
+        runs = [run for run in runs if run["seeds"]]
+    return {**config, "runs": runs}
+
+
 def run_bench(config_path: Path, out: Path, quiet: bool = False, only: list[str] | None = None,
-              executor: str = "local", address: str | None = None, rescore: bool = False) -> dict:
-    """Train and score every run x seed of the config (or the runs named in ``only``); write the run + summary.
+              executor: str = "local", address: str | None = None, rescore: bool = False,
+              seeds: list[int] | None = None) -> dict:
+    """Train and score every run x seed of the config (or the runs in ``only``, seeds in ``seeds``); write them.
 
     Finished runs are not trained again and finished evaluations are not redone (``rescore`` redoes them),
-    so running the parts of a config separately (``only``) and then the whole config is cheap and gives
-    one table.
+    so running the parts of a config separately (``only``, ``seeds``) and then the whole config is cheap and
+    gives one table.
     ``executor="ray"`` runs each run x seed as a Ray task (``oodforge.executors``), on the cluster at
     ``address`` or on a local Ray instance; the files written are the same as with ``"local"``.
     """
     check_executor(executor, address)
-    config = load_bench_config(config_path)
-    if only:
-        names = [run["name"] for run in config["runs"]]
-        unknown = sorted(set(only) - set(names))
-        if unknown:
-            raise ValueError(f"{config_path}: no runs named {unknown}; the runs are {names}")
-        config = {**config, "runs": [run for run in config["runs"] if run["name"] in only]}
+    config = select_part(load_bench_config(config_path), config_path, only, seeds)
     reference = benchmark_reference(config.get("benchmark", "fashion_mnist"), config_path)
     benchmark = get_benchmark(reference)
     parse_detector_spec(config.get("detectors", DEFAULT_DETECTORS))  # fail before any training

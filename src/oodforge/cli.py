@@ -73,6 +73,14 @@ def _options(pairs: list[str] | None, what: str) -> dict:
     return options
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    """``"0,2"`` -> ``[0, 2]``; anything else is refused naming the flag."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r} must be comma-separated integers, e.g. 0,2") from None
+
+
 def _evaluate_and_save(model, benchmark, detectors: str, out: Path, train_info: dict, checkpoint: str | None,
                        batch_size: int, quiet: bool, cache: bool, method: str | None = None,
                        detector_dir: Path | None = None, train_subset: int | None = None,
@@ -239,6 +247,8 @@ def bench(config: Path = typer.Argument(..., help="YAML file: benchmark, detecto
           rescore: bool = typer.Option(False, "--rescore", help="Score every run x seed again, even those whose "
                                                                 "run folder holds an evaluation of the same model "
                                                                 "made the same way."),
+          seeds: str | None = typer.Option(None, help="Comma-separated seeds: only these of the config's (e.g. "
+                                                      "one seed per session; a later full call combines them)."),
           quiet: bool = typer.Option(False, "--quiet")) -> None:
     """Train and score several recipes (and seeds) from a config file into one results.json + report."""
     from oodforge.bench import run_bench
@@ -246,7 +256,7 @@ def bench(config: Path = typer.Argument(..., help="YAML file: benchmark, detecto
 
     check_output_folder(out, "--out")
     run_bench(config, out, quiet=quiet, only=runs.split(",") if runs else None, executor=executor, address=address,
-              rescore=rescore)
+              rescore=rescore, seeds=_int_list(seeds, "--seeds") if seeds else None)
 
 
 @app.command()
