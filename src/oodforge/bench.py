@@ -175,12 +175,13 @@ def select_part(config: dict, path: Path, only: list[str] | None = None, seeds: 
         raise ValueError(f"{path}: no runs named {unknown}; the runs are {names}")
     runs = [run for run in config["runs"] if not only or run["name"] in only]
     if seeds is not None:
-        own = {run["name"]: run.get("seeds", config.get("seeds", [0])) for run in runs}
-        missing = sorted(set(seeds) - {seed for listed in own.values() for seed in listed})
+        runs = [{**run, "seeds": run.get("seeds", config.get("seeds", [0]))} for run in runs]
+        available = {seed for run in runs for seed in run["seeds"]}
+        missing = sorted(set(seeds) - available)
         if missing:
-            raise ValueError(f"--seeds: {missing} not among the seeds of the selected runs "
-                             f"({sorted({seed for listed in own.values() for seed in listed})}) in {path}")
-        runs = [{**run, "seeds": [s for s in own[run["name"]] if s in seeds]} for run in runs]
+            raise ValueError(f"--seeds: {missing} not among the seeds of the selected runs ({sorted(available)}) "
+                             f"in {path}")
+        runs = [{**run, "seeds": [s for s in run["seeds"] if s in seeds]} for run in runs]
         runs = [run for run in runs if run["seeds"]]
     return {**config, "runs": runs}
 
