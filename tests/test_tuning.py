@@ -228,3 +228,39 @@ def test_bench_picks_the_pipeline_on_validation_sets_common_to_all_runs(folders)
     text = (out / "summary.md").read_text()
     assert "val AUROC" in text and f"run **{best['run']}**, detector **{best['detector']}**" in text
     assert "mean AUROC over shapes)" in text
+
+
+def _payload(run: str, seeds: dict[int, dict[str, float]], sets: list[str]) -> dict:
+    """A minimal bench results.json: one detector 'msp', validation AUROC per set, one near and one far row."""
+    methods, results = {}, []
+    for seed, by_set in seeds.items():
+        method = f"{run}-seed{seed}"
+        methods[method] = {"train": {"run": run}, "id_accuracy": 0.8 + seed / 100,
+                           "tuning": {"validation": {"ood": sets}, "validation_auroc": {"msp": {"by_set": by_set}}}}
+        results += [{"method": method, "detector": "msp", "group": "near", "auroc": 0.7 + seed / 10, "fpr95": 0.5},
+                    {"method": method, "detector": "msp", "group": "far", "auroc": 0.9, "fpr95": 0.2}]
+    return {"benchmark": "cifar10", "methods": methods, "results": results}
+
+
+def test_merged_payloads_are_ranked_on_the_validation_sets_common_to_all() -> None:
+    from oodforge.bench import best_on_validation, merge_payloads, payload_validation_sets, summarize
+
+    a = _payload("ce", {0: {"x": 0.6, "y": 0.9}, 1: {"x": 0.8, "y": 0.9}}, ["x", "y"])
+    b = _payload("oe", {0: {"x": 0.75}}, ["x"])  # its training outliers' source left y out
+    merged = merge_payloads([a, b, a])  # a method found twice with the same results is kept once
+    assert len(merged["methods"]) == 3 and len(merged["results"]) == 6
+    assert payload_validation_sets(merged) == ["x"]
+    rows = {r["run"]: r for r in summarize(merged)}
+    assert rows["ce"]["val_auroc_mean"] == pytest.approx(0.7) and rows["ce"]["val_auroc_std"] == pytest.approx(0.1)
+    assert rows["ce"]["near_auroc_mean"] == pytest.approx(0.75) and rows["ce"]["seeds"] == 2
+    assert best_on_validation(list(rows.values()))["run"] == "oe"  # 0.75 > 0.7 on x
+    alone = {r["run"]: r for r in summarize(a, validation_sets=["y"])}
+    assert alone["ce"]["val_auroc_mean"] == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="validation set\\(s\\) y not scored for every run"):
+        summarize(merged, validation_sets=["y"])
+    changed = _payload("ce", {0: {"x": 0.6, "y": 0.9}}, ["x", "y"])
+    changed["results"][0]["auroc"] = 0.1
+    with pytest.raises(ValueError, match="'ce-seed0' appears in two payloads with different results"):
+        merge_payloads([a, changed])
+    with pytest.raises(ValueError, match="different benchmarks"):
+        merge_payloads([a, {**b, "benchmark": "fashion_mnist"}])

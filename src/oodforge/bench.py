@@ -215,10 +215,10 @@ def run_bench(config_path: Path, out: Path, quiet: bool = False, only: list[str]
     return payload
 
 
-def summarize(payload: dict) -> list[dict]:
+def summarize(payload: dict, validation_sets: list[str] | None = None) -> list[dict]:
     """Mean and std over seeds of ID accuracy, mean near/far AUROC and FPR95, and FPR95 over all OOD sets
-    (``fpr95``), per (run, detector); with tuning, also the validation AUROC (``val_auroc``) over the
-    validation sets common to all runs (``common_validation_sets``)."""
+    (``fpr95``), per (run, detector); with tuning, also the validation AUROC (``val_auroc``) over
+    ``validation_sets`` (default: the validation sets common to all runs, ``common_validation_sets``)."""
     if "methods" in payload:
         per_method = {m: info["train"]["run"] for m, info in payload["methods"].items()}
     else:  # a single method: results.json has no "methods" block
@@ -228,6 +228,12 @@ def summarize(payload: dict) -> list[dict]:
         rows_of.setdefault((r["method"], r["detector"]), []).append(r)
     tunings = _tunings(payload)
     common = common_validation_sets(tunings) if len(tunings) == len(per_method) else []
+    if validation_sets is not None:
+        unknown = sorted(set(validation_sets) - set(common))
+        if unknown:
+            raise ValueError(f"validation set(s) {', '.join(unknown)} not scored for every run "
+                             f"(common to all: {', '.join(common) or 'none'})")
+        common = list(validation_sets)
     rows = []
     for run in dict.fromkeys(per_method.values()):
         methods = [m for m, r in per_method.items() if r == run]
@@ -249,11 +255,39 @@ def summarize(payload: dict) -> list[dict]:
     return rows
 
 
+def merge_payloads(payloads: list[dict]) -> dict:
+    """One results.json payload from several bench outputs of the same benchmark (e.g. two configs), so that
+    ``summarize`` and ``best_on_validation`` compare all their runs; a method found twice must be the same."""
+    if not payloads or any("methods" not in p for p in payloads):
+        raise ValueError("every payload must be a bench results.json (with a 'methods' block)")
+    benchmarks = {p["benchmark"] for p in payloads}
+    if len(benchmarks) > 1:
+        raise ValueError(f"payloads of different benchmarks: {', '.join(sorted(benchmarks))}")
+    merged = {**payloads[0], "methods": {}, "results": []}
+    for payload in payloads:
+        for method, info in payload["methods"].items():
+            rows = [r for r in payload["results"] if r["method"] == method]
+            if method in merged["methods"]:
+                if info["id_accuracy"] != merged["methods"][method]["id_accuracy"] or rows != [
+                        r for r in merged["results"] if r["method"] == method]:
+                    raise ValueError(f"method {method!r} appears in two payloads with different results")
+                continue
+            merged["methods"][method] = info
+            merged["results"] += rows
+    merged.pop("scores_sha256", None)  # no single scores.npz holds the merged scores
+    return merged
+
+
 def _tunings(payload: dict) -> dict[str, dict]:
     """method -> the ``tuning`` block of results.json (runs scored with ``tune``)."""
     if "methods" in payload:
         return {m: info["tuning"] for m, info in payload["methods"].items() if "tuning" in info}
     return {r["method"]: payload["tuning"] for r in payload["results"]} if "tuning" in payload else {}
+
+
+def payload_validation_sets(payload: dict) -> list[str]:
+    """The validation sets common to every tuned method of a results.json payload."""
+    return common_validation_sets(_tunings(payload))
 
 
 def common_validation_sets(tunings: dict[str, dict]) -> list[str]:
@@ -301,7 +335,7 @@ def summary_markdown(summary: list[dict], payload: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     best = best_on_validation(summary)
     if best is not None:
-        sets = ", ".join(common_validation_sets(_tunings(payload)))
+        sets = ", ".join(payload_validation_sets(payload))
         lines += ["", f"Best on validation data only (mean AUROC over {sets}): run **{best['run']}**, detector "
                       f"**{best['detector']}** ({_pm(best, 'val_auroc')} on validation)."]
     return "\n".join(lines) + "\n"

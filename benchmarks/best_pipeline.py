@@ -1,0 +1,89 @@
+"""Pick the best pipeline (run x detector) over several bench outputs on validation data only.
+
+Usage (issue 15, CIFAR-10 from scratch):
+
+    python benchmarks/best_pipeline.py benchmarks/results/cifar10_scratch_results.json \
+        benchmarks/results/cifar10_scratch_losses_results.json ... --out benchmarks/results/cifar10_best_pipeline
+
+The rule is the bench's (``oodforge.bench.best_on_validation``): the highest mean validation AUROC over the
+validation sets common to every run, or over ``--validation-set`` only. Test numbers of the pick are reported
+next to the target (near AUROC, near FPR95, ID accuracy); the best test row is shown only for reference.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from oodforge.bench import merge_payloads, payload_validation_sets, summarize
+from oodforge.io import atomic_json, atomic_write
+
+
+def ranked(summary: list[dict], top: int) -> list[dict]:
+    """The ``top`` rows by mean validation AUROC (rows without one are left out)."""
+    rows = [r for r in summary if "val_auroc_mean" in r]
+    return sorted(rows, key=lambda r: -r["val_auroc_mean"])[:top]
+
+
+def meets(row: dict, near_auroc: float, near_fpr95: float, accuracy: float) -> bool:
+    """Whether a summary row's means reach the target."""
+    return (row["near_auroc_mean"] >= near_auroc and row["near_fpr95_mean"] <= near_fpr95
+            and row["id_accuracy_mean"] >= accuracy)
+
+
+def _cell(row: dict, key: str) -> str:
+    return f"{100 * row[key + '_mean']:.2f} ± {100 * row[key + '_std']:.2f}"
+
+
+def table(rows: list[dict]) -> list[str]:
+    """Markdown rows: run, detector, seeds, validation AUROC and the test metrics."""
+    lines = ["| run | detector | seeds | val AUROC | near AUROC | near FPR95 | far AUROC | ID acc |", "|" + "---|" * 8]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['detector']} | {r['seeds']} | {_cell(r, 'val_auroc')} | "
+                     f"{_cell(r, 'near_auroc')} | {_cell(r, 'near_fpr95')} | {_cell(r, 'far_auroc')} | "
+                     f"{_cell(r, 'id_accuracy')} |")
+    return lines
+
+
+def main() -> None:
+    """Parse the arguments, merge the payloads, rank on validation and write JSON + Markdown."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", type=Path, help="bench results.json files (same benchmark)")
+    parser.add_argument("--validation-set", action="append", default=None, help="rank on this set only")
+    parser.add_argument("--min-seeds", type=int, default=1, help="leave out runs with fewer seeds")
+    parser.add_argument("--target", default="0.87,0.317,0.85", help="near AUROC, near FPR95, ID accuracy")
+    parser.add_argument("--top", type=int, default=10)
+    parser.add_argument("--out", type=Path, required=True, help="output prefix (.json and .md are added)")
+    args = parser.parse_args()
+    payload = merge_payloads([json.loads(p.read_text()) for p in args.results])
+    summary = [r for r in summarize(payload, args.validation_set) if r["seeds"] >= args.min_seeds]
+    sets = args.validation_set or payload_validation_sets(payload)
+    try:
+        target = [float(v) for v in args.target.split(",")]
+    except ValueError:
+        target = []
+    if len(target) != 3:
+        parser.error(f"--target {args.target!r}: three numbers expected (near AUROC, near FPR95, ID accuracy)")
+    top = ranked(summary, args.top)
+    pick = top[0]
+    best_test = max(summary, key=lambda r: r["near_auroc_mean"])
+    result = {"inputs": [str(p) for p in args.results], "validation_sets": sets, "min_seeds": args.min_seeds,
+              "target": dict(zip(["near_auroc", "near_fpr95", "id_accuracy"], target, strict=True)),
+              "pick": pick, "pick_meets_target": meets(pick, *target), "ranked": top,
+              "best_test_near_auroc_for_reference": best_test,
+              "rows_meeting_target_on_test": [r for r in summary if meets(r, *target)]}
+    lines = [f"Ranked on validation data only (mean AUROC over {', '.join(sets)}; runs with >= {args.min_seeds} "
+             f"seeds; inputs: {', '.join(p.name for p in args.results)}).", ""] + table(top)
+    lines += ["", f"Pick: **{pick['run']} + {pick['detector']}**; target (near AUROC >= {100 * target[0]:g}, near "
+                  f"FPR95 <= {100 * target[1]:g}, ID acc >= {100 * target[2]:g}): "
+                  f"**{'met' if result['pick_meets_target'] else 'not met'}**.",
+              "", "For reference only (chosen on test data): best near AUROC", ""] + table([best_test])
+    lines += ["", f"Rows meeting the whole target on test data: {len(result['rows_meeting_target_on_test'])}."]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_json(result, args.out.with_suffix(".json"))
+    atomic_write(args.out.with_suffix(".md"), lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
