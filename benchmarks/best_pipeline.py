@@ -51,12 +51,15 @@ def main() -> None:
     parser.add_argument("results", nargs="+", type=Path, help="bench results.json files (same benchmark)")
     parser.add_argument("--validation-set", action="append", default=None, help="rank on this set only")
     parser.add_argument("--min-seeds", type=int, default=1, help="leave out runs with fewer seeds")
+    parser.add_argument("--min-accuracy", type=float, default=0.0,
+                        help="leave out runs below this mean ID accuracy (the target's accuracy floor)")
     parser.add_argument("--target", default="0.87,0.317,0.85", help="near AUROC, near FPR95, ID accuracy")
     parser.add_argument("--top", type=int, default=10)
     parser.add_argument("--out", type=Path, required=True, help="output prefix (.json and .md are added)")
     args = parser.parse_args()
     payload = merge_payloads([json.loads(p.read_text()) for p in args.results])
-    summary = [r for r in summarize(payload, args.validation_set) if r["seeds"] >= args.min_seeds]
+    summary = [r for r in summarize(payload, args.validation_set) if r["seeds"] >= args.min_seeds
+               and r["id_accuracy_mean"] >= args.min_accuracy]
     sets = args.validation_set or payload_validation_sets(payload)
     try:
         target = [float(v) for v in args.target.split(",")]
@@ -68,12 +71,14 @@ def main() -> None:
     pick = top[0]
     best_test = max(summary, key=lambda r: r["near_auroc_mean"])
     result = {"inputs": [str(p) for p in args.results], "validation_sets": sets, "min_seeds": args.min_seeds,
+              "min_accuracy": args.min_accuracy,
               "target": dict(zip(["near_auroc", "near_fpr95", "id_accuracy"], target, strict=True)),
               "pick": pick, "pick_meets_target": meets(pick, *target), "ranked": top,
               "best_test_near_auroc_for_reference": best_test,
               "rows_meeting_target_on_test": [r for r in summary if meets(r, *target)]}
+    inputs = ", ".join(p.name for p in args.results)
     lines = [f"Ranked on validation data only (mean AUROC over {', '.join(sets)}; runs with >= {args.min_seeds} "
-             f"seeds; inputs: {', '.join(p.name for p in args.results)}).", ""] + table(top)
+             f"seeds and >= {100 * args.min_accuracy:g}% ID accuracy; inputs: {inputs}).", ""] + table(top)
     lines += ["", f"Pick: **{pick['run']} + {pick['detector']}**; target (near AUROC >= {100 * target[0]:g}, near "
                   f"FPR95 <= {100 * target[1]:g}, ID acc >= {100 * target[2]:g}): "
                   f"**{'met' if result['pick_meets_target'] else 'not met'}**.",
