@@ -15,14 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-from oodforge.bench import merge_payloads, payload_validation_sets, summarize
+from oodforge.bench import merge_payloads, payload_validation_sets, pm_cell, rank_on_validation, summarize
 from oodforge.io import atomic_json, atomic_write
-
-
-def ranked(summary: list[dict], top: int) -> list[dict]:
-    """The ``top`` rows by mean validation AUROC (rows without one are left out)."""
-    rows = [r for r in summary if "val_auroc_mean" in r]
-    return sorted(rows, key=lambda r: -r["val_auroc_mean"])[:top]
 
 
 def meets(row: dict, near_auroc: float, near_fpr95: float, accuracy: float) -> bool:
@@ -31,17 +25,13 @@ def meets(row: dict, near_auroc: float, near_fpr95: float, accuracy: float) -> b
             and row["id_accuracy_mean"] >= accuracy)
 
 
-def _cell(row: dict, key: str) -> str:
-    return f"{100 * row[key + '_mean']:.2f} ± {100 * row[key + '_std']:.2f}"
-
-
 def table(rows: list[dict]) -> list[str]:
     """Markdown rows: run, detector, seeds, validation AUROC and the test metrics."""
     lines = ["| run | detector | seeds | val AUROC | near AUROC | near FPR95 | far AUROC | ID acc |", "|" + "---|" * 8]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['detector']} | {r['seeds']} | {_cell(r, 'val_auroc')} | "
-                     f"{_cell(r, 'near_auroc')} | {_cell(r, 'near_fpr95')} | {_cell(r, 'far_auroc')} | "
-                     f"{_cell(r, 'id_accuracy')} |")
+        lines.append(f"| {r['run']} | {r['detector']} | {r['seeds']} | {pm_cell(r, 'val_auroc')} | "
+                     f"{pm_cell(r, 'near_auroc')} | {pm_cell(r, 'near_fpr95')} | {pm_cell(r, 'far_auroc')} | "
+                     f"{pm_cell(r, 'id_accuracy')} |")
     return lines
 
 
@@ -57,17 +47,22 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=10)
     parser.add_argument("--out", type=Path, required=True, help="output prefix (.json and .md are added)")
     args = parser.parse_args()
-    payload = merge_payloads([json.loads(p.read_text()) for p in args.results])
-    summary = [r for r in summarize(payload, args.validation_set) if r["seeds"] >= args.min_seeds
-               and r["id_accuracy_mean"] >= args.min_accuracy]
-    sets = args.validation_set or payload_validation_sets(payload)
     try:
         target = [float(v) for v in args.target.split(",")]
     except ValueError:
         target = []
     if len(target) != 3:
         parser.error(f"--target {args.target!r}: three numbers expected (near AUROC, near FPR95, ID accuracy)")
-    top = ranked(summary, args.top)
+    try:
+        payload = merge_payloads([json.loads(p.read_text()) for p in args.results])
+        summary = [r for r in summarize(payload, args.validation_set) if r["seeds"] >= args.min_seeds
+                   and r["id_accuracy_mean"] >= args.min_accuracy]
+    except (OSError, ValueError, KeyError) as exc:
+        parser.error(f"results: {exc}")
+    top = rank_on_validation(summary)[:args.top]
+    if not top:
+        parser.error("no run x detector with a validation AUROC passes --min-seeds / --min-accuracy")
+    sets = args.validation_set or payload_validation_sets(payload)
     pick = top[0]
     best_test = max(summary, key=lambda r: r["near_auroc_mean"])
     result = {"inputs": [str(p) for p in args.results], "validation_sets": sets, "min_seeds": args.min_seeds,
@@ -84,7 +79,6 @@ def main() -> None:
                   f"**{'met' if result['pick_meets_target'] else 'not met'}**.",
               "", "For reference only (chosen on test data): best near AUROC", ""] + table([best_test])
     lines += ["", f"Rows meeting the whole target on test data: {len(result['rows_meeting_target_on_test'])}."]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_json(result, args.out.with_suffix(".json"))
     atomic_write(args.out.with_suffix(".md"), lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     print("\n".join(lines))

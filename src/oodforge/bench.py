@@ -263,17 +263,18 @@ def merge_payloads(payloads: list[dict]) -> dict:
     benchmarks = {p["benchmark"] for p in payloads}
     if len(benchmarks) > 1:
         raise ValueError(f"payloads of different benchmarks: {', '.join(sorted(benchmarks))}")
-    merged = {**payloads[0], "methods": {}, "results": []}
+    methods: dict[str, dict] = {}
+    rows_of: dict[str, list[dict]] = {}  # method -> its result rows
     for payload in payloads:
+        rows: dict[str, list[dict]] = {}
+        for r in payload["results"]:
+            rows.setdefault(r["method"], []).append(r)
         for method, info in payload["methods"].items():
-            rows = [r for r in payload["results"] if r["method"] == method]
-            if method in merged["methods"]:
-                if info["id_accuracy"] != merged["methods"][method]["id_accuracy"] or rows != [
-                        r for r in merged["results"] if r["method"] == method]:
-                    raise ValueError(f"method {method!r} appears in two payloads with different results")
-                continue
-            merged["methods"][method] = info
-            merged["results"] += rows
+            if method not in methods:
+                methods[method], rows_of[method] = info, rows.get(method, [])
+            elif info["id_accuracy"] != methods[method]["id_accuracy"] or rows.get(method, []) != rows_of[method]:
+                raise ValueError(f"method {method!r} appears in two payloads with different results")
+    merged = {**payloads[0], "methods": methods, "results": [r for m in methods for r in rows_of[m]]}
     merged.pop("scores_sha256", None)  # no single scores.npz holds the merged scores
     return merged
 
@@ -308,10 +309,16 @@ def validation_auroc(tuning: dict | None, detector: str, sets: list[str]) -> flo
     return float(np.mean(values)) if np.isfinite(values).all() else None
 
 
+def rank_on_validation(summary: list[dict]) -> list[dict]:
+    """The (run, detector) rows with a validation AUROC, highest mean first (rows without one are left out)."""
+    rows = [r for r in summary if np.isfinite(r.get("val_auroc_mean", np.nan))]
+    return sorted(rows, key=lambda r: -r["val_auroc_mean"])
+
+
 def best_on_validation(summary: list[dict]) -> dict | None:
     """The (run, detector) row with the highest mean validation AUROC: the pipeline picked without test data."""
-    rows = [r for r in summary if np.isfinite(r.get("val_auroc_mean", np.nan))]
-    return max(rows, key=lambda r: r["val_auroc_mean"]) if rows else None
+    ranked = rank_on_validation(summary)
+    return ranked[0] if ranked else None
 
 
 def _mean_std(name: str, values: list[float]) -> dict[str, float]:
@@ -328,18 +335,19 @@ def summary_markdown(summary: list[dict], payload: dict) -> str:
     header += ["val AUROC"] if validated else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in summary:
-        cells = [row["run"], row["detector"], str(row["seeds"]), _pm(row, "id_accuracy")]
-        cells += ([_pm(row, "near_auroc"), _pm(row, "near_fpr95")] if has_near else [])
-        cells += [_pm(row, "far_auroc"), _pm(row, "fpr95")]
-        cells += [_pm(row, "val_auroc") if "val_auroc_mean" in row else "–"] if validated else []
+        cells = [row["run"], row["detector"], str(row["seeds"]), pm_cell(row, "id_accuracy")]
+        cells += ([pm_cell(row, "near_auroc"), pm_cell(row, "near_fpr95")] if has_near else [])
+        cells += [pm_cell(row, "far_auroc"), pm_cell(row, "fpr95")]
+        cells += [pm_cell(row, "val_auroc") if "val_auroc_mean" in row else "–"] if validated else []
         lines.append("| " + " | ".join(cells) + " |")
     best = best_on_validation(summary)
     if best is not None:
         sets = ", ".join(payload_validation_sets(payload))
         lines += ["", f"Best on validation data only (mean AUROC over {sets}): run **{best['run']}**, detector "
-                      f"**{best['detector']}** ({_pm(best, 'val_auroc')} on validation)."]
+                      f"**{best['detector']}** ({pm_cell(best, 'val_auroc')} on validation)."]
     return "\n".join(lines) + "\n"
 
 
-def _pm(row: dict, name: str) -> str:
+def pm_cell(row: dict, name: str) -> str:
+    """A summary metric as "mean ± std" in percent."""
     return f"{100 * row[name + '_mean']:.2f} ± {100 * row[name + '_std']:.2f}"
