@@ -12,10 +12,16 @@ next to the target (near AUROC, near FPR95, ID accuracy); the best test row is s
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from oodforge.bench import merge_payloads, payload_validation_sets, pm_cell, rank_on_validation, summarize
+from oodforge.bench import (
+    load_payloads,
+    merge_payloads,
+    payload_validation_sets,
+    pm_cell,
+    rank_on_validation,
+    summarize,
+)
 from oodforge.io import atomic_json, atomic_write
 
 
@@ -52,16 +58,17 @@ def main() -> None:
     except ValueError:
         target = []
     if len(target) != 3:
-        parser.error(f"--target {args.target!r}: three numbers expected (near AUROC, near FPR95, ID accuracy)")
+        parser.exit(2, f"error: --target {args.target!r}: three numbers expected (near AUROC, near FPR95, "
+                       "ID accuracy)\n")
     try:
-        payload = merge_payloads([json.loads(p.read_text()) for p in args.results])
+        payload = merge_payloads(load_payloads(args.results))
         summary = [r for r in summarize(payload, args.validation_set) if r["seeds"] >= args.min_seeds
                    and r["id_accuracy_mean"] >= args.min_accuracy]
-    except (OSError, ValueError, KeyError) as exc:
-        parser.error(f"results: {exc}")
+    except (ValueError, KeyError) as exc:
+        parser.exit(2, f"error: {exc}\n")
     top = rank_on_validation(summary)[:args.top]
     if not top:
-        parser.error("no run x detector with a validation AUROC passes --min-seeds / --min-accuracy")
+        parser.exit(2, "error: no run x detector with a validation AUROC passes --min-seeds / --min-accuracy\n")
     sets = args.validation_set or payload_validation_sets(payload)
     pick = top[0]
     best_test = max(summary, key=lambda r: r["near_auroc_mean"])

@@ -264,3 +264,44 @@ def test_merged_payloads_are_ranked_on_the_validation_sets_common_to_all() -> No
         merge_payloads([a, changed])
     with pytest.raises(ValueError, match="different benchmarks"):
         merge_payloads([a, {**b, "benchmark": "fashion_mnist"}])
+
+
+def _full_payload(run: str, seeds: dict[int, dict[str, float]], sets: list[str]) -> dict:
+    """``_payload`` with the per-row fields results.md prints (OOD set, AUPR-In, AUPR-Out)."""
+    payload = _payload(run, seeds, sets)
+    for r in payload["results"]:
+        r.update(ood_dataset=f"{r['group']}_set", aupr_in=0.5, aupr_out=0.5)
+    return payload
+
+
+def test_merge_results_script_writes_the_summary_of_all_seeds(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "merge_results.py"
+    seed0 = tmp_path / "seed0.json"
+    seed0.write_text(json.dumps(_full_payload("arcface", {0: {"x": 0.6}}, ["x"])))
+    seeds12 = tmp_path / "seeds12.json"
+    seeds12.write_text(json.dumps(_full_payload("arcface", {1: {"x": 0.8}, 2: {"x": 0.7}}, ["x"])))
+    out = tmp_path / "heads"
+    done = subprocess.run([sys.executable, str(script), str(seed0), str(seeds12), "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads((tmp_path / "heads_summary.json").read_text())
+    assert row["seeds"] == 3 and row["val_auroc_mean"] == pytest.approx(0.7)
+    assert row["near_auroc_mean"] == pytest.approx(np.mean([0.7, 0.8, 0.9]))  # 0.7 + seed / 10
+    assert row["id_accuracy_std"] == pytest.approx(np.std([0.80, 0.81, 0.82]))
+    merged = json.loads((tmp_path / "heads_results.json").read_text())
+    assert list(merged["methods"]) == ["arcface-seed0", "arcface-seed1", "arcface-seed2"]
+    assert [m["file"] for m in merged["merged_from"]] == [str(seed0), str(seeds12)]
+    accuracies = "arcface-seed0 80.00%, arcface-seed1 81.00%, arcface-seed2 82.00%"
+    assert accuracies in (tmp_path / "heads_results.md").read_text()
+    assert "| arcface | msp | 3 |" in (tmp_path / "heads_summary.md").read_text()
+
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    done = subprocess.run([sys.executable, str(script), str(seed0), str(broken), "--out", str(tmp_path / "again")],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith(f"error: {broken}:") and done.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written

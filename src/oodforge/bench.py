@@ -279,6 +279,17 @@ def merge_payloads(payloads: list[dict]) -> dict:
     return merged
 
 
+def load_payloads(paths: list[Path]) -> list[dict]:
+    """Read bench results.json files; the ValueError for one that cannot be read or parsed names it."""
+    payloads = []
+    for path in paths:
+        try:
+            payloads.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+    return payloads
+
+
 def _tunings(payload: dict) -> dict[str, dict]:
     """method -> the ``tuning`` block of results.json (runs scored with ``tune``)."""
     if "methods" in payload:
