@@ -25,6 +25,7 @@ from oodforge.models.classifier import CheckpointError, load_classifier
 from oodforge.models.heads import ArcFace, CosineHead
 
 KEYS = ["accuracy", "mean_cos_y", "mean_max_other_cos", "margin_met", "fallback_branch"]
+RATES = {"accuracy", "margin_met", "fallback_branch"}  # shown in %
 
 
 def geometry(model_path: Path, images) -> dict:
@@ -43,8 +44,8 @@ def geometry(model_path: Path, images) -> dict:
                "accuracy": float((cos.argmax(1) == labels.squeeze(1)).float().mean()),
                "mean_cos_y": float(cos_y.mean()), "mean_max_other_cos": float(max_other.mean()),
                "margin_met": float((head.target_cosine(cos_y).squeeze(1) > max_other).float().mean())}
-        if isinstance(head, ArcFace):
-            row["fallback_branch"] = float((torch.acos(cos_y.clamp(-1, 1)) + head.margin > math.pi).float().mean())
+        if isinstance(head, ArcFace) and not head.easy_margin:  # the head's own branch rule (ArcFace.target_cosine)
+            row["fallback_branch"] = float((cos_y < math.cos(math.pi - head.margin)).float().mean())
     return row
 
 
@@ -52,8 +53,7 @@ def markdown(rows: list[dict]) -> str:
     """The rows as a Markdown table (rates in %, cosines as they are)."""
     lines = ["| checkpoint | head | " + " | ".join(KEYS) + " |", "|---|---|" + "---|" * len(KEYS)]
     for row in rows:
-        cells = [("–" if k not in row else f"{100 * row[k]:.1f}" if k in ("accuracy", "margin_met", "fallback_branch")
-                  else f"{row[k]:.3f}") for k in KEYS]
+        cells = ["–" if k not in row else f"{100 * row[k]:.1f}" if k in RATES else f"{row[k]:.3f}" for k in KEYS]
         lines.append(f"| {row['model']} | {row['head']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
