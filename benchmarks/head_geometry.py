@@ -13,7 +13,6 @@ Writes ``<out>.json`` and ``<out>.md``.
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
 import torch
@@ -44,8 +43,8 @@ def geometry(model_path: Path, images) -> dict:
                "accuracy": float((cos.argmax(1) == labels.squeeze(1)).float().mean()),
                "mean_cos_y": float(cos_y.mean()), "mean_max_other_cos": float(max_other.mean()),
                "margin_met": float((head.target_cosine(cos_y).squeeze(1) > max_other).float().mean())}
-        if isinstance(head, ArcFace) and not head.easy_margin:  # the head's own branch rule (ArcFace.target_cosine)
-            row["fallback_branch"] = float((cos_y < math.cos(math.pi - head.margin)).float().mean())
+        if isinstance(head, ArcFace) and not head.easy_margin:
+            row["fallback_branch"] = float(head.in_fallback(cos_y).float().mean())
     return row
 
 

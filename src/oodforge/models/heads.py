@@ -110,12 +110,16 @@ class ArcFace(CosineHead):
         self.margin = margin
         self.easy_margin = easy_margin
 
+    def in_fallback(self, cos_y: Tensor) -> Tensor:
+        """Where the default rule uses its fallback: theta_y + m > pi, i.e. cos(theta_y) < cos(pi - m)."""
+        return cos_y < math.cos(math.pi - self.margin)
+
     def target_cosine(self, cos_y: Tensor) -> Tensor:
         with_margin = torch.cos(angle(cos_y) + self.margin)
         if self.easy_margin:
             return torch.where(cos_y > 0, with_margin, cos_y)
         fallback = cos_y - self.margin * math.sin(math.pi - self.margin)
-        return torch.where(cos_y >= math.cos(math.pi - self.margin), with_margin, fallback)
+        return torch.where(self.in_fallback(cos_y), fallback, with_margin)
 
 
 @HEADS.register("sphereface")
