@@ -8,6 +8,7 @@ Usage (issue 15, the cosine heads: seed 0 was scored in an earlier session, seed
 writes ``<out>_results.json``, ``<out>_results.md``, ``<out>_summary.json`` and ``<out>_summary.md``, the files a
 single ``oodforge bench`` call over all seeds writes as results.json / results.md / summary.json / summary.md
 (``oodforge.bench.merge_payloads`` + ``summarize``; a method found in two inputs must have the same results).
+An input may be the results.json of a bench of one run and one seed, which keeps its method's block at the top level.
 Every input is read and checked before anything is written.
 """
 from __future__ import annotations

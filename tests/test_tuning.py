@@ -266,6 +266,24 @@ def test_merged_payloads_are_ranked_on_the_validation_sets_common_to_all() -> No
         merge_payloads([a, {**b, "benchmark": "fashion_mnist"}])
 
 
+def test_a_one_method_results_json_merges_like_a_bench_output() -> None:
+    from oodforge.bench import merge_payloads, methods_of, summarize
+
+    a = _payload("ce", {0: {"x": 0.6}, 1: {"x": 0.8}}, ["x"])
+    two = _payload("ce", {2: {"x": 0.7}}, ["x"])
+    ((method, block),) = two.pop("methods").items()
+    single = {**two, **block}  # a bench of one run and one seed keeps its method's block at the top level
+    assert methods_of(single) == {"ce-seed2": block} and methods_of(a) is a["methods"]
+    assert summarize(single)[0]["val_auroc_mean"] == pytest.approx(0.7)
+    merged = merge_payloads([a, single])
+    assert list(merged["methods"]) == ["ce-seed0", "ce-seed1", "ce-seed2"] and len(merged["results"]) == 6
+    (row,) = summarize(merged)
+    assert row["seeds"] == 3 and row["id_accuracy_mean"] == pytest.approx(np.mean([0.80, 0.81, 0.82]))
+    assert row["val_auroc_mean"] == pytest.approx(0.7) and row["near_auroc_mean"] == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="not exactly one method in its results: ce-seed0, ce-seed1"):
+        methods_of({**single, "results": a["results"]})
+
+
 def _full_payload(run: str, seeds: dict[int, dict[str, float]], sets: list[str]) -> dict:
     """``_payload`` with the per-row fields results.md prints (OOD set, AUPR-In, AUPR-Out)."""
     payload = _payload(run, seeds, sets)

@@ -219,10 +219,8 @@ def summarize(payload: dict, validation_sets: list[str] | None = None) -> list[d
     """Mean and std over seeds of ID accuracy, mean near/far AUROC and FPR95, and FPR95 over all OOD sets
     (``fpr95``), per (run, detector); with tuning, also the validation AUROC (``val_auroc``) over
     ``validation_sets`` (default: the validation sets common to all runs, ``common_validation_sets``)."""
-    if "methods" in payload:
-        per_method = {m: info["train"]["run"] for m, info in payload["methods"].items()}
-    else:  # a single method: results.json has no "methods" block
-        per_method = {r["method"]: payload["train"].get("run", r["method"]) for r in payload["results"]}
+    blocks = methods_of(payload)
+    per_method = {m: (info.get("train") or {}).get("run", m) for m, info in blocks.items()}
     rows_of: dict[tuple[str, str], list[dict]] = {}  # (method, detector) -> its result rows
     for r in payload["results"]:
         rows_of.setdefault((r["method"], r["detector"]), []).append(r)
@@ -237,8 +235,7 @@ def summarize(payload: dict, validation_sets: list[str] | None = None) -> list[d
     rows = []
     for run in dict.fromkeys(per_method.values()):
         methods = [m for m, r in per_method.items() if r == run]
-        accuracies = [payload["methods"][m]["id_accuracy"] if "methods" in payload else payload["id_accuracy"]
-                      for m in methods]
+        accuracies = [blocks[m]["id_accuracy"] for m in methods]
         detectors = dict.fromkeys(r["detector"] for r in payload["results"] if r["method"] in methods)
         for detector in detectors:
             stats = {"run": run, "detector": detector, "seeds": len(methods)}
@@ -255,11 +252,28 @@ def summarize(payload: dict, validation_sets: list[str] | None = None) -> list[d
     return rows
 
 
+METHOD_KEYS = ("id_accuracy", "model", "train", "timings", "precision", "tuning")
+
+
+def methods_of(payload: dict) -> dict[str, dict]:
+    """method -> its block (``METHOD_KEYS``) of a results.json; one method's results.json (a bench of one run and
+    one seed, or ``oodforge score``) keeps these at the top level instead of in a ``methods`` block."""
+    if "methods" in payload:
+        return payload["methods"]
+    names = list(dict.fromkeys(r["method"] for r in payload.get("results", [])))
+    if not names and "id_accuracy" in payload:  # no result row names the method (every detector failed)
+        return {}
+    if len(names) != 1 or "id_accuracy" not in payload:
+        raise ValueError("not a results.json of oodforge bench or score (no 'methods' block, and not exactly one "
+                         f"method in its results: {', '.join(names) or 'none'})")
+    return {names[0]: {k: payload[k] for k in METHOD_KEYS if k in payload}}
+
+
 def merge_payloads(payloads: list[dict]) -> dict:
     """One results.json payload from several bench outputs of the same benchmark (e.g. two configs), so that
     ``summarize`` and ``best_on_validation`` compare all their runs; a method found twice must be the same."""
-    if not payloads or any("methods" not in p for p in payloads):
-        raise ValueError("every payload must be a bench results.json (with a 'methods' block)")
+    if not payloads:
+        raise ValueError("no payload to merge")
     benchmarks = {p["benchmark"] for p in payloads}
     if len(benchmarks) > 1:
         raise ValueError(f"payloads of different benchmarks: {', '.join(sorted(benchmarks))}")
@@ -269,7 +283,7 @@ def merge_payloads(payloads: list[dict]) -> dict:
         rows: dict[str, list[dict]] = {}
         for r in payload["results"]:
             rows.setdefault(r["method"], []).append(r)
-        for method, info in payload["methods"].items():
+        for method, info in methods_of(payload).items():
             if method not in methods:
                 methods[method], rows_of[method] = info, rows.get(method, [])
             elif info["id_accuracy"] != methods[method]["id_accuracy"] or rows.get(method, []) != rows_of[method]:
@@ -292,9 +306,7 @@ def load_payloads(paths: list[Path]) -> list[dict]:
 
 def _tunings(payload: dict) -> dict[str, dict]:
     """method -> the ``tuning`` block of results.json (runs scored with ``tune``)."""
-    if "methods" in payload:
-        return {m: info["tuning"] for m, info in payload["methods"].items() if "tuning" in info}
-    return {r["method"]: payload["tuning"] for r in payload["results"]} if "tuning" in payload else {}
+    return {m: info["tuning"] for m, info in methods_of(payload).items() if "tuning" in info}
 
 
 def payload_validation_sets(payload: dict) -> list[str]:
