@@ -31,7 +31,7 @@ from oodforge.executors import check_executor, check_resources, run_jobs
 from oodforge.features import OutputCache, default_device
 from oodforge.io import read_yaml_mapping
 from oodforge.precision import resolve_precision
-from oodforge.runs import print_results, run_payload, save_run
+from oodforge.runs import methods_of, print_results, run_payload, save_run
 from oodforge.train import MODEL_CHECKPOINT, TrainConfig, copy_sample_grids, train, with_recipe_detectors
 
 CONFIG_KEYS = {"benchmark", "detectors", "seeds", "defaults", "runs", "description", "tune", "resources"}
@@ -250,23 +250,6 @@ def summarize(payload: dict, validation_sets: list[str] | None = None) -> list[d
                 stats.update(_mean_std("val_auroc", validation))
             rows.append(stats)
     return rows
-
-
-METHOD_KEYS = ("id_accuracy", "model", "train", "timings", "precision", "tuning")
-
-
-def methods_of(payload: dict) -> dict[str, dict]:
-    """method -> its block (``METHOD_KEYS``) of a results.json; one method's results.json (a bench of one run and
-    one seed, or ``oodforge score``) keeps these at the top level instead of in a ``methods`` block."""
-    if "methods" in payload:
-        return payload["methods"]
-    names = list(dict.fromkeys(r["method"] for r in payload.get("results", [])))
-    if not names and "id_accuracy" in payload:  # no result row names the method (every detector failed)
-        return {}
-    if len(names) != 1 or "id_accuracy" not in payload:
-        raise ValueError("not a results.json of oodforge bench or score (no 'methods' block, and not exactly one "
-                         f"method in its results: {', '.join(names) or 'none'})")
-    return {names[0]: {k: payload[k] for k in METHOD_KEYS if k in payload}}
 
 
 def merge_payloads(payloads: list[dict]) -> dict:

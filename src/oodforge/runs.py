@@ -29,31 +29,50 @@ def percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
+def method_block(model: nn.Module, evaluation: Evaluation, train: dict, checkpoint: str | None) -> dict:
+    """One method's fields of results.json: ID accuracy, model, train, timings, precision and (tuned) tuning."""
+    block = {"id_accuracy": evaluation.id_accuracy, "model": model_summary(model, evaluation, checkpoint),
+             "train": train, "timings": evaluation.timings, "precision": evaluation.precision}
+    if evaluation.tuning is not None:
+        block["tuning"] = evaluation.tuning
+    return block
+
+
 def run_payload(benchmark: Benchmark, evaluations: dict[str, tuple[nn.Module, Evaluation, dict, str | None]]
                 ) -> tuple[dict, dict[str, np.ndarray]]:
-    """results.json content and scores for one or several methods (method -> (model, eval, train, ckpt))."""
+    """results.json content and scores for one or several methods (method -> (model, eval, train, ckpt)): the
+    first method's block at the top level, and with several methods every block under ``methods``."""
     several = len(evaluations) > 1
-    first_model, first, first_train, first_ckpt = next(iter(evaluations.values()))
-    payload = {"benchmark": benchmark.name, "id_dataset": benchmark.id_dataset, "id_accuracy": first.id_accuracy,
-               "model": model_summary(first_model, first, first_ckpt), "train": first_train,
-               "ood_sets": benchmark.ood, "detectors": first.detector_records(), "precision": first.precision,
-               "results": [], "timings": first.timings}
-    if first.tuning is not None:
-        payload["tuning"] = first.tuning
+    blocks = {method: method_block(*parts) for method, parts in evaluations.items()}
+    first = next(iter(evaluations.values()))[1]
+    payload = {"benchmark": benchmark.name, "id_dataset": benchmark.id_dataset, **next(iter(blocks.values())),
+               "ood_sets": benchmark.ood, "detectors": first.detector_records(), "results": []}
     failed = {f"{m}/{d}" if several else d: info for m, (_, ev, _, _) in evaluations.items()
               for d, info in ev.failed.items()}
     if failed:
         payload["failed_detectors"] = failed
     scores: dict[str, np.ndarray] = {}
-    for method, (model, evaluation, train, ckpt) in evaluations.items():
+    for _, evaluation, _, _ in evaluations.values():
         payload["results"].extend(evaluation.results)
         scores.update(evaluation.scores)
-        if several:
-            payload.setdefault("methods", {})[method] = {
-                "id_accuracy": evaluation.id_accuracy, "model": model_summary(model, evaluation, ckpt),
-                "train": train, "timings": evaluation.timings, "precision": evaluation.precision,
-                **({"tuning": evaluation.tuning} if evaluation.tuning is not None else {})}
+    if several:
+        payload["methods"] = blocks
     return payload, scores
+
+
+def methods_of(payload: dict) -> dict[str, dict]:
+    """method -> its block (``method_block``) of a results.json; one method's results.json (a bench of one run and
+    one seed, or ``oodforge score``) keeps its block at the top level instead of in a ``methods`` block."""
+    if "methods" in payload:
+        return payload["methods"]
+    names = list(dict.fromkeys(r["method"] for r in payload.get("results", [])))
+    if not names and "id_accuracy" in payload:  # no result row names the method (every detector failed)
+        return {}
+    if len(names) != 1 or "id_accuracy" not in payload:
+        raise ValueError("not a results.json of oodforge bench or score (no 'methods' block, and not exactly one "
+                         f"method in its results: {', '.join(names) or 'none'})")
+    keys = ("id_accuracy", "model", "train", "timings", "precision", "tuning")  # method_block's fields
+    return {names[0]: {k: payload[k] for k in keys if k in payload}}
 
 
 def save_run(out_dir: Path, payload: dict, scores: dict[str, np.ndarray], report: bool = True,
