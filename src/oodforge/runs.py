@@ -29,8 +29,11 @@ def percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
 
 
+METHOD_KEYS = ("id_accuracy", "model", "train", "timings", "precision", "tuning")  # the fields of method_block
+
+
 def method_block(model: nn.Module, evaluation: Evaluation, train: dict, checkpoint: str | None) -> dict:
-    """One method's fields of results.json: ID accuracy, model, train, timings, precision and (tuned) tuning."""
+    """One method's fields of results.json (``METHOD_KEYS``; ``tuning`` only when tuned)."""
     block = {"id_accuracy": evaluation.id_accuracy, "model": model_summary(model, evaluation, checkpoint),
              "train": train, "timings": evaluation.timings, "precision": evaluation.precision}
     if evaluation.tuning is not None:
@@ -44,9 +47,9 @@ def run_payload(benchmark: Benchmark, evaluations: dict[str, tuple[nn.Module, Ev
     first method's block at the top level, and with several methods every block under ``methods``."""
     several = len(evaluations) > 1
     blocks = {method: method_block(*parts) for method, parts in evaluations.items()}
-    first = next(iter(evaluations.values()))[1]
-    payload = {"benchmark": benchmark.name, "id_dataset": benchmark.id_dataset, **next(iter(blocks.values())),
-               "ood_sets": benchmark.ood, "detectors": first.detector_records(), "results": []}
+    first_method = next(iter(evaluations))
+    payload = {"benchmark": benchmark.name, "id_dataset": benchmark.id_dataset, **blocks[first_method],
+               "ood_sets": benchmark.ood, "detectors": evaluations[first_method][1].detector_records(), "results": []}
     failed = {f"{m}/{d}" if several else d: info for m, (_, ev, _, _) in evaluations.items()
               for d, info in ev.failed.items()}
     if failed:
@@ -71,8 +74,7 @@ def methods_of(payload: dict) -> dict[str, dict]:
     if len(names) != 1 or "id_accuracy" not in payload:
         raise ValueError("not a results.json of oodforge bench or score (no 'methods' block, and not exactly one "
                          f"method in its results: {', '.join(names) or 'none'})")
-    keys = ("id_accuracy", "model", "train", "timings", "precision", "tuning")  # method_block's fields
-    return {names[0]: {k: payload[k] for k in keys if k in payload}}
+    return {names[0]: {k: payload[k] for k in METHOD_KEYS if k in payload}}
 
 
 def save_run(out_dir: Path, payload: dict, scores: dict[str, np.ndarray], report: bool = True,
