@@ -323,3 +323,49 @@ def test_merge_results_script_writes_the_summary_of_all_seeds(tmp_path) -> None:
                           capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.startswith(f"error: {broken}:") and done.stderr.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def _scored(run: str, seed: int, detectors: dict[str, tuple[float, float]], accuracy: float = 0.86) -> dict:
+    """A bench results.json of one run and seed: per detector (validation AUROC on 'x', near test AUROC)."""
+    method = f"{run}-seed{seed}"
+    tuning = {"validation": {"ood": ["x"]},
+              "validation_auroc": {d: {"by_set": {"x": val}} for d, (val, _) in detectors.items()}}
+    results = [row for d, (_, near) in detectors.items()
+               for row in ({"method": method, "detector": d, "group": "near", "auroc": near, "fpr95": 1 - near},
+                           {"method": method, "detector": d, "group": "far", "auroc": 0.9, "fpr95": 0.2})]
+    return {"benchmark": "cifar10", "methods": {method: {"train": {"run": run}, "id_accuracy": accuracy,
+                                                         "tuning": tuning}}, "results": results}
+
+
+def test_best_pipeline_script_picks_on_validation_overall_and_per_run(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "best_pipeline.py"
+    files = []
+    for name, payload in {"ce0": _scored("ce", 0, {"msp": (0.70, 0.80), "energy": (0.90, 0.60)}),
+                          "ce1": _scored("ce", 1, {"msp": (0.72, 0.82), "energy": (0.80, 0.62)}),
+                          "head": _scored("arcface", 0, {"msp": (0.95, 0.50), "cosine": (0.60, 0.95)}, 0.84),
+                          "oe": _scored("oe", 0, {"msp": (0.86, 0.70), "energy": (0.50, 0.99)})}.items():
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps(payload))
+    out = tmp_path / "best"
+    done = subprocess.run([sys.executable, str(script), *map(str, files), "--min-accuracy", "0.85", "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.with_suffix(".json").read_text())
+    # oe msp (0.86) beats ce energy (mean 0.85); arcface msp (0.95) is below the accuracy floor
+    assert (result["pick"]["run"], result["pick"]["detector"]) == ("oe", "msp")
+    assert result["pick"]["near_auroc_mean"] == pytest.approx(0.70) and not result["pick_meets_target"]
+    per_run = [(r["run"], r["detector"], round(r["val_auroc_mean"], 4)) for r in result["pick_per_run"]]
+    assert per_run == [("oe", "msp", 0.86), ("ce", "energy", 0.85)]  # ce's msp (0.71) and oe's energy lose
+    best_test = result["best_test_near_auroc_for_reference"]
+    assert (best_test["run"], best_test["detector"]) == ("oe", "energy")  # shown, never picked
+    assert [(r["run"], r["detector"]) for r in result["rows_meeting_target_on_test"]] == [("oe", "energy")]
+    text = out.with_suffix(".md").read_text()
+    assert "Pick: **oe + msp**" in text and "Each run's own pick" in text and "| ce | energy | 2 |" in text
+
+    done = subprocess.run([sys.executable, str(script), str(files[0]), "--target", "0.9,0.3", "--out",
+                           str(tmp_path / "again")], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.startswith("error: --target '0.9,0.3'")
+    assert not (tmp_path / "again.json").exists()
