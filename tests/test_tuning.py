@@ -369,3 +369,30 @@ def test_best_pipeline_script_picks_on_validation_overall_and_per_run(tmp_path) 
                            str(tmp_path / "again")], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.startswith("error: --target '0.9,0.3'")
     assert not (tmp_path / "again.json").exists()
+
+
+def test_oe_gain_table_matches_each_oe_run_with_its_baseline_and_pick() -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "oe_gain_table.py"
+    spec = importlib.util.spec_from_file_location("oe_gain_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def row(run: str, detector: str, seeds: int, near: float, std: float = 0.01) -> dict:
+        stats = {f"{k}_{s}": (v if s == "mean" else std) for k, v in
+                 [("id_accuracy", 0.85), ("near_auroc", near), ("near_fpr95", 0.5), ("far_auroc", 0.9)]
+                 for s in ("mean", "std")}
+        return {"run": run, "detector": detector, "seeds": seeds, **stats}
+
+    with_oe = [row("softmax_oe", "energy", 3, 0.8630), row("softmax_oe", "msp", 3, 0.8361),
+               row("cosface_oe", "cosine", 2, 0.8162), row("cosface_oe", "msp", 2, 0.8223),
+               row("arcface_oe", "cosine", 1, 0.70), row("arcface_oe", "msp", 1, 0.76)]
+    without = [row("ce", "energy", 3, 0.8351), row("cosface", "cosine", 3, 0.7774), row("cosface", "energy", 3, 0.1)]
+    picks = [row("softmax_oe", "ash[tuned]", 3, 0.8048), row("cosface_oe", "semantic_energy[tuned]", 2, 0.8313)]
+    lines = module.rows(with_oe, without, picks)
+    assert len(lines) == 4  # header, separator, softmax, cosface; arcface has no baseline here
+    assert lines[2].startswith("| softmax | 3 | 85.00 ± 1.00 → 85.00 ± 1.00 | energy | 83.51 ± 1.00 → **86.30 ± 1.00**")
+    assert "| 83.61 ± 1.00 | ash[tuned]: 80.48 / 50.00 / 90.00 |" in lines[2]
+    assert "| max cosine | 77.74 ± 1.00 → **81.62 ± 1.00** |" in lines[3]
+    assert lines[3].endswith("| 82.23 ± 1.00 | semantic energy[tuned]: 83.13 / 50.00 / 90.00 |")
