@@ -14,13 +14,14 @@ import argparse
 import json
 from pathlib import Path
 
+from oodforge.bench import pm_cell
+
 BASELINE = {"softmax_oe": "ce"}  # every other "<name>_oe" is matched with "<name>"
 
 
 def cell(row: dict, key: str, std: bool = True) -> str:
-    """A percentage mean, with ± std when the row has several seeds and ``std``."""
-    text = f"{100 * row[key + '_mean']:.2f}"
-    return text + (f" ± {100 * row[key + '_std']:.2f}" if std and row["seeds"] > 1 else "")
+    """A percentage mean, as ``pm_cell`` (with ± std) when the row has several seeds and ``std``."""
+    return pm_cell(row, key) if std and row["seeds"] > 1 else f"{100 * row[key + '_mean']:.2f}"
 
 
 def rows(with_oe: list[dict], without: list[dict], picks: list[dict]) -> list[str]:
@@ -31,14 +32,14 @@ def rows(with_oe: list[dict], without: list[dict], picks: list[dict]) -> list[st
     lines = ["| run | seeds | ID acc, without → with | score | near AUROC, without → with | near FPR95 | "
              "far AUROC, without → with | MSP near | own validation pick: near / FPR95 / far |", "|" + "---|" * 9]
     for run in dict.fromkeys(r["run"] for r in with_oe):
-        detector = "energy" if run == "softmax_oe" else "cosine"
+        detector, label = ("energy", "energy") if run == "softmax_oe" else ("cosine", "max cosine")
         baseline = BASELINE.get(run, run.removesuffix("_oe"))
         if (baseline, detector) not in base or (run, detector) not in oe or run not in pick:
             continue
         r, w, p = oe[(run, detector)], base[(baseline, detector)], pick[run]
         lines.append(
             f"| {run.removesuffix('_oe')} | {r['seeds']} | {cell(w, 'id_accuracy')} → {cell(r, 'id_accuracy')} | "
-            f"{'energy' if detector == 'energy' else 'max cosine'} | {cell(w, 'near_auroc')} → "
+            f"{label} | {cell(w, 'near_auroc')} → "
             f"**{cell(r, 'near_auroc')}** | {cell(r, 'near_fpr95')} | {cell(w, 'far_auroc')} → "
             f"{cell(r, 'far_auroc')} | "
             f"{cell(oe[(run, 'msp')], 'near_auroc')} | {p['detector'].replace('_', ' ')}: "
