@@ -16,7 +16,8 @@ from pathlib import Path
 
 from oodforge.bench import pm_cell
 
-BASELINE = {"softmax_oe": "ce"}  # every other "<name>_oe" is matched with "<name>"
+# OE run -> (run without outliers, headline detector, its label); any other "<name>_oe": ("<name>", max cosine)
+HEADLINE = {"softmax_oe": ("ce", "energy", "energy")}
 
 
 def cell(row: dict, key: str, std: bool = True) -> str:
@@ -32,9 +33,8 @@ def rows(with_oe: list[dict], without: list[dict], picks: list[dict]) -> list[st
     lines = ["| run | seeds | ID acc, without → with | score | near AUROC, without → with | near FPR95 | "
              "far AUROC, without → with | MSP near | own validation pick: near / FPR95 / far |", "|" + "---|" * 9]
     for run in dict.fromkeys(r["run"] for r in with_oe):
-        detector, label = ("energy", "energy") if run == "softmax_oe" else ("cosine", "max cosine")
-        baseline = BASELINE.get(run, run.removesuffix("_oe"))
-        if (baseline, detector) not in base or (run, detector) not in oe or run not in pick:
+        baseline, detector, label = HEADLINE.get(run, (run.removesuffix("_oe"), "cosine", "max cosine"))
+        if (baseline, detector) not in base or not {(run, detector), (run, "msp")} <= oe.keys() or run not in pick:
             continue
         r, w, p = oe[(run, detector)], base[(baseline, detector)], pick[run]
         lines.append(
