@@ -15,6 +15,7 @@ import yaml
 from torch.utils.data import DataLoader
 
 from oodforge.data.benchmarks import Benchmark
+from oodforge.data.overlap import warn_shared
 from oodforge.detectors import DETECTORS, Detector, ModelOutputs, create_detector
 from oodforge.detectors.base import registered_name
 from oodforge.diagnostics import tolerance, uniformity
@@ -164,18 +165,22 @@ def evaluate(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, 
         tuning = tune_detectors(model, benchmark, detectors, cache=cache, device=device, batch_size=batch_size,
                                 quiet=quiet, root=root, precision=precision, outliers=outliers)
         detectors = tuning.tuned_spec(detectors)
-    start = time.perf_counter()
+    start, key_seconds = time.perf_counter(), cache.key_seconds
     sets = scored_sets(benchmark, root)
+    ood_sets = {n: s for n, s in sets.items() if n != benchmark.id_dataset}
+    warn_shared(ood_sets, sets[benchmark.id_dataset], "test", benchmark.id_dataset)
     outputs = {n: cache.outputs(model, s, device, batch_size, quiet, precision=precision) for n, s in sets.items()}
 
     def train_outputs() -> ModelOutputs:
-        return cache.outputs(model, fit_images(benchmark, root, train_subset, tune), device, batch_size, quiet,
-                             precision=precision)
+        fit = fit_images(benchmark, root, train_subset, tune)
+        warn_shared(ood_sets, fit, "training", benchmark.id_dataset)
+        return cache.outputs(model, fit, device, batch_size, quiet, precision=precision)
 
     loaders = {n: functools.partial(image_loader, s, batch_size) for n, s in sets.items()}
     evaluation = score_sets(model, detectors, outputs, loaders, benchmark.id_dataset, benchmark.ood, train_outputs,
                             method=method, fitted=fitted, quiet=quiet, device=device,
                             timings={"outputs_s": time.perf_counter() - start}, precision=precision)
+    evaluation.timings["cache_keys_s"] = cache.key_seconds - key_seconds
     if tuning is not None:
         evaluation.tuning = tuning.record()
         evaluation.timings["tuning_s"] = tuning.seconds
@@ -194,6 +199,18 @@ def fit_images(benchmark: Benchmark, root: str | Path | None = None, train_subse
     tuning), ``train_subset`` class-balanced images of it if given (as in training)."""
     images = benchmark.split_train(root)[0] if tune else benchmark.id_set("train", root)
     return images.balanced_head(train_subset) if train_subset else images
+
+
+def evaluated_sets(benchmark: Benchmark, root: str | Path | None = None, train_subset: int | None = None,
+                   tune: bool = False) -> dict[str, Images]:
+    """Every set an evaluation reads: the scored test sets, the images detectors fit on and, when tuning,
+    the ID and OOD validation sets (keys ``test:<name>``, ``fit``, ``val:id``, ``val:<name>``)."""
+    sets = {f"test:{name}": images for name, images in scored_sets(benchmark, root).items()}
+    sets["fit"] = fit_images(benchmark, root, train_subset, tune)
+    if tune:
+        sets["val:id"] = benchmark.split_train(root)[1]
+        sets |= {f"val:{name}": images for name, images in benchmark.val_ood_sets(root).items()}
+    return sets
 
 
 def score_sets(model: torch.nn.Module, detectors: dict[str, dict], outputs: dict[str, ModelOutputs],

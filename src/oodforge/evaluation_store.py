@@ -1,6 +1,8 @@
 """A model's evaluation kept beside it (``evaluation.json`` + ``evaluation.npz``) and reused when the same
-model is scored again the same way: same weights, detectors, tuning, benchmark (definition and the pixels
-of the sets it scores), training outliers, training subset, precision and oodforge version.
+model is scored again the same way: same model (weights and code, ``features.model_fingerprint``), detectors,
+tuning, benchmark (its definition and every pixel or file of every set the evaluation reads: test, fit and
+validation sets), training outliers, training subset, precision and oodforge version (its source, for a
+source checkout).
 
 ``oodforge bench`` stores each run x seed's evaluation in its run folder, so a later call of the whole config
 (after the parts were run with ``--runs``) re-tunes nothing that is already scored; ``--rescore`` ignores the
@@ -13,14 +15,14 @@ import dataclasses
 import hashlib
 import io
 import json
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 from torch import nn
 
+from oodforge.code_identity import oodforge_identity
 from oodforge.data.benchmarks import Benchmark
-from oodforge.evaluate import Evaluation, scored_sets
+from oodforge.evaluate import Evaluation, evaluated_sets
 from oodforge.features import model_fingerprint
 from oodforge.run_folder import finish_pending, scores_digest, write_together
 
@@ -29,20 +31,14 @@ EVALUATION_JSON = "evaluation.json"
 EVALUATION_SCORES = "evaluation.npz"
 
 
-def _oodforge_version() -> str:
-    try:
-        return version("oodforge")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def evaluation_key(model: nn.Module, benchmark: Benchmark, detectors: str, *, tune: bool, outliers: str | None,
                    train_subset: int | None, precision: str) -> str:
     """A hash of everything an evaluation's numbers depend on (``precision`` already resolved)."""
-    sets = {name: images.fingerprint() for name, images in scored_sets(benchmark).items()}
+    sets = {name: images.fingerprint() for name, images in evaluated_sets(benchmark, train_subset=train_subset,
+                                                                          tune=tune).items()}
     parts = {"model": model_fingerprint(model), "benchmark": dataclasses.asdict(benchmark), "sets": sets,
              "detectors": detectors, "tune": tune, "outliers": outliers, "train_subset": train_subset,
-             "precision": precision, "oodforge": _oodforge_version(), "format": EVALUATION_FORMAT}
+             "precision": precision, "oodforge": oodforge_identity(), "format": EVALUATION_FORMAT}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 

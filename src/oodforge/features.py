@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import os
+import re
 import shutil
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from oodforge.code_identity import code_identity, oodforge_identity
 from oodforge.data.datasets import cache_root
 from oodforge.data.imageset import ImageSet
 from oodforge.data.streaming import FileImageSet
@@ -115,17 +119,30 @@ def extract_outputs(model: nn.Module, data: Data, device: torch.device | str | N
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A short hash of a model's configuration and every tensor in its state dict."""
+    """A short hash of everything about a model that determines its outputs.
+
+    Its configuration (or ``describe()``: the input normalization of wrapped nets), its structure
+    (``repr``: every layer with its settings), every parameter and buffer (non-persistent ones too),
+    each with its name, dtype and shape, and the code of every class it is built from
+    (``oodforge.code_identity``: library versions, or the source of user code).
+    """
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
     digest.update(json.dumps(getattr(config, "__dict__", {}), sort_keys=True, default=str).encode())
     describe = getattr(model, "describe", None)
     if callable(describe) and config is None:
         digest.update(json.dumps(describe(), sort_keys=True, default=str).encode())
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(_ADDRESS.sub("0x", repr(model)).encode())
+    digest.update(json.dumps(code_identity({type(m) for m in model.modules()}), sort_keys=True).encode())
+    for name, tensor in itertools.chain(model.named_parameters(remove_duplicate=False),
+                                        model.named_buffers(remove_duplicate=False)):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]+")  # object addresses some reprs show differ from run to run
 
 
 Images = ImageSet | FileImageSet
@@ -214,6 +231,7 @@ class OutputCache:
     def __init__(self, folder: Path | None = None, enabled: bool = True) -> None:
         self.folder = folder or cache_root() / "outputs"
         self.enabled = enabled
+        self.key_seconds = 0.0  # time spent hashing models and sets for cache keys
 
     def outputs(self, model: nn.Module, images: Images, device: torch.device | str = "cpu",
                 batch_size: int = 500, quiet: bool = True, model_key: str | None = None,
@@ -253,9 +271,12 @@ class OutputCache:
     def entry(self, model: nn.Module, images: Images, precision: str = "32-true", model_key: str | None = None
               ) -> Path:
         """The cache folder of ``model``'s outputs on ``images`` under a resolved ``precision``."""
+        tic = time.perf_counter()
         suffix = "" if precision == "32-true" else f"@{precision}.head32"  # bf16 outputs since heads run in float32
-        return (self.folder / (model_key or model_fingerprint(model))
-                / f"{_slug(images.name)}-{images.fingerprint()}{suffix}")
+        data_key = hashlib.sha256(f"{images.fingerprint()}|{oodforge_identity()}".encode()).hexdigest()[:16]
+        entry = self.folder / (model_key or model_fingerprint(model)) / f"{_slug(images.name)}-{data_key}{suffix}"
+        self.key_seconds += time.perf_counter() - tic
+        return entry
 
     def has(self, model: nn.Module, images: Images, precision: str = "32-true") -> bool:
         """Whether complete outputs of ``model`` on ``images`` are cached (always False when disabled)."""

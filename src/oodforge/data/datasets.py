@@ -24,6 +24,7 @@ from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from oodforge.data.decoding import CorruptImageError, decode_fitted, decode_image
 from oodforge.data.imageset import ImageSet
+from oodforge.data.manifest import cache_root
 from oodforge.data.streaming import FileImageSet, unpack_tar
 from oodforge.io import atomic_json, atomic_npy, remove_stale_temp_files
 from oodforge.registry import Registry
@@ -44,11 +45,6 @@ class DatasetNotFoundError(FileNotFoundError):
 def data_root() -> Path:
     """``$OODFORGE_DATA``, else ``./data``."""
     return Path(os.environ.get("OODFORGE_DATA", "data")).expanduser()
-
-
-def cache_root() -> Path:
-    """``$OODFORGE_CACHE``, else ``~/.cache/oodforge`` (the data folder may be read-only)."""
-    return Path(os.environ.get("OODFORGE_CACHE", Path.home() / ".cache" / "oodforge")).expanduser()
 
 
 STREAMING_MODES = ("auto", "always", "never")
@@ -173,14 +169,14 @@ def cached_arrays(key: str, source: Path, build: Callable[[], tuple[np.ndarray, 
 
 
 def _source_stamp(source: Path) -> str:
-    """Size and nanosecond mtime of a file, or a hash of every file's path, size and mtime in a folder."""
-    if source.is_file():
-        stat = source.stat()
-        return f"{stat.st_size}-{stat.st_mtime_ns}"
+    """A hash of a file's, or of every file's in a folder, path, size, modification and status-change time and
+    inode: a file replaced by another of the same size with its old modification time still changes it."""
+    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
     digest = hashlib.sha256()
-    for file in sorted(p for p in source.rglob("*") if p.is_file()):
+    for file in files:
         stat = file.stat()
-        digest.update(f"{file.relative_to(source)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+        digest.update(f"{file.relative_to(source) if file != source else ''}:{stat.st_size}:{stat.st_mtime_ns}:"
+                      f"{stat.st_ctime_ns}:{stat.st_ino};".encode())
     return digest.hexdigest()[:16]
 
 

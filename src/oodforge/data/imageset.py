@@ -49,16 +49,30 @@ class ImageSet:
         return self.subset(balanced_index(self.labels, count), name)
 
     def fingerprint(self) -> str:
-        """A short hash of the name, shape and pixels (sampled rows, for speed) and the labels."""
-        digest = hashlib.sha256(f"{self.name}{self.images.shape}".encode())
-        step = max(1, len(self) // 256)
-        digest.update(np.ascontiguousarray(self.images[::step]).tobytes())
-        digest.update(np.ascontiguousarray(self.labels).tobytes())
+        """A short hash of the name, the shape, every pixel of every image, the labels and the class names."""
+        digest = hashlib.sha256(f"{self.name}|{self.images.shape}|{self.classes}".encode())
+        digest.update(self.item_digests().tobytes())
+        digest.update(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
         return digest.hexdigest()[:16]
+
+    def item_digests(self) -> np.ndarray:
+        """One 16-byte hash of each image's pixels, shape (N, 16) uint8 (equal images, equal rows)."""
+        return pixel_digests(self.images)
 
     def torch_dataset(self, transform: Callable[[Tensor], Tensor] | None = None) -> TensorImages:
         """A torch ``Dataset`` yielding (float image in [0, 1] of shape (C, H, W), label)."""
         return TensorImages(self, transform)
+
+
+def pixel_digests(images: np.ndarray) -> np.ndarray:
+    """16 bytes of SHA-256 of each row of ``images`` (any shape with rows first), as (N, 16) uint8."""
+    if len(images) == 0:
+        return np.zeros((0, 16), np.uint8)
+    flat = np.ascontiguousarray(images).reshape(len(images), -1)
+    view = memoryview(flat.reshape(-1))
+    width = flat.shape[1]
+    return np.frombuffer(b"".join(hashlib.sha256(view[i * width:(i + 1) * width]).digest()[:16]
+                                  for i in range(len(flat))), np.uint8).reshape(len(flat), 16)
 
 
 def balanced_index(labels: np.ndarray, count: int) -> np.ndarray:

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from oodforge.data.decoding import CorruptImageError, decode_fitted
 from oodforge.data.imageset import balanced_index
+from oodforge.data.manifest import file_digests
 
 RESIZE_MODES = ("stretch", "shorter_crop")
 
@@ -64,12 +65,17 @@ class FileImageSet:
         return self.subset(balanced_index(self.labels, count), name)
 
     def fingerprint(self) -> str:
-        """A short hash of the source, the chosen files, their labels and the delivered shape."""
-        digest = hashlib.sha256(f"{self.name}|{self.source.resolve()}|{self.stamp}|{self.image_shape}|"
-                                f"{self.resize}".encode())
+        """A short hash of the chosen files' names and contents, their labels, the class names and the delivered
+        shape (file contents hashed once and kept in a manifest, ``oodforge.data.manifest``)."""
+        digest = hashlib.sha256(f"{self.name}|{self.image_shape}|{self.resize}|{self.classes}".encode())
         digest.update("\n".join(self.members).encode())
-        digest.update(np.ascontiguousarray(self.labels).tobytes())
+        digest.update(self.item_digests().tobytes())
+        digest.update(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
         return digest.hexdigest()[:16]
+
+    def item_digests(self) -> np.ndarray:
+        """One 16-byte hash of each file's content, shape (N, 16) uint8."""
+        return file_digests(self.source, self.members)
 
     def torch_dataset(self, transform=None) -> StreamingImages:
         """A torch ``Dataset`` yielding (float image in [0, 1] of shape (C, H, W), label)."""
