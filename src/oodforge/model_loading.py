@@ -5,15 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from oodforge.data.benchmarks import Benchmark
-from oodforge.models.adapters import build_model, wrap_model
+from oodforge.models.adapters import ModelSpecError, build_model, one_line_cause, wrap_model
 from oodforge.models.backbones import BACKBONES
 from oodforge.models.classifier import CheckpointError, ModelConfig, load_classifier, read_checkpoint
 
 SPEC_PREFIXES = ("torchvision:", "timm:", "module:")
 CIFAR_RESNETS = ("resnet20", "resnet32", "resnet44", "resnet56")
+PROBE_IMAGES = 2  # the zero batch every loaded model is run on once, before any data
 
 
 def load_model(spec: str, weights: str | Path | None, benchmark: Benchmark, head: str | None = None
@@ -34,11 +36,12 @@ def load_model(spec: str, weights: str | Path | None, benchmark: Benchmark, head
     elif spec in BACKBONES:
         if weights is None:
             raise ValueError(f"--model {spec!r} is a backbone name; give its --weights too")
-        model, checkpoint = load_classifier(weights, external_config(spec, weights, benchmark)), str(weights)
+        config = external_config(spec, weights, benchmark)
+        model, checkpoint = load_classifier(weights, config, source=f"--weights {weights}"), str(weights)
     else:
         raise ValueError(f"--model {spec!r} is neither a checkpoint file, a backbone ({', '.join(BACKBONES.names())})"
                          f" nor a spec ({', '.join(p + '...' for p in SPEC_PREFIXES)})")
-    check_model_fits(model, benchmark)
+    check_model_fits(model, benchmark, what=f"--model {spec}")
     return model, checkpoint
 
 
@@ -55,7 +58,7 @@ def external_config(backbone: str, weights: str | Path, benchmark: Benchmark) ->
 
 
 def check_model_fits(model: nn.Module, benchmark: Benchmark, what: str = "the model") -> None:
-    """Refuse a model whose class count or input channels differ from the benchmark's."""
+    """Refuse a model whose class count, input channels or outputs on a zero batch do not fit the benchmark."""
     classes = getattr(model, "num_classes", None)
     expected = benchmark.num_classes()
     if classes is not None and classes != expected:
@@ -64,6 +67,39 @@ def check_model_fits(model: nn.Module, benchmark: Benchmark, what: str = "the mo
     if channels is not None and channels != benchmark.image_shape[2]:
         raise ValueError(f"{what} takes {channels}-channel images but benchmark {benchmark.name!r} has "
                          f"{benchmark.image_shape[2]}-channel images")
+    check_model_runs(model, benchmark, expected, what)
+
+
+def check_model_runs(model: nn.Module, benchmark: Benchmark, classes: int, what: str = "the model") -> None:
+    """Run ``model`` once on 2 zero images of the benchmark's shape; refuse it when it raises or returns other than
+    (N, D) features and (N, ``classes``) float logits.
+
+    Eval mode and no gradients; the model's mode is restored. Errors are ``ModelSpecError`` naming ``what``.
+    """
+    height, width, channels = benchmark.image_shape
+    parameter = next(model.parameters(), None)
+    x = torch.zeros(PROBE_IMAGES, channels, height, width, device=None if parameter is None else parameter.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            features, logits = model.features_and_logits(x)
+    except Exception as exc:  # a user's network may raise anything
+        raise ModelSpecError(f"{what}: forward raised {one_line_cause(exc)}") from exc
+    finally:
+        model.train(was_training)
+    if not isinstance(logits, Tensor):
+        raise ModelSpecError(f"{what}: forward returns a {type(logits).__name__}, expected a Tensor of logits")
+    if logits.dim() != 2 or logits.shape[0] != PROBE_IMAGES or not logits.is_floating_point():
+        raise ModelSpecError(f"{what}: forward returns {logits.dtype} logits of shape {tuple(logits.shape)} for "
+                             f"{PROBE_IMAGES} images, expected float logits of shape ({PROBE_IMAGES}, {classes})")
+    if logits.shape[1] != classes:
+        raise ModelSpecError(f"{what}: forward returns {logits.shape[1]} logit columns but benchmark "
+                             f"{benchmark.name!r} has {classes} classes")
+    if not isinstance(features, Tensor) or features.dim() != 2 or features.shape[0] != PROBE_IMAGES:
+        shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+        raise ModelSpecError(f"{what}: its features (the final layer's input) are {shape} for {PROBE_IMAGES} "
+                             f"images, expected shape ({PROBE_IMAGES}, D)")
 
 
 def training_outliers(checkpoint: str | Path | None) -> str | None:

@@ -10,10 +10,20 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from oodforge.models.classifier import CheckpointError, Classifier, read_checkpoint
+from oodforge.models.classifier import CheckpointError, Classifier, read_checkpoint, state_dict_mismatch
 
 HEAD_CANDIDATES = ("fc", "classifier", "heads.head", "head", "heads")
 SPEC_FORMS = "torchvision:NAME, timm:NAME or module:pkg.mod:factory"
+
+
+class ModelSpecError(ValueError):
+    """A ``--model`` network whose factory or forward raises, or whose outputs do not fit the benchmark."""
+
+
+def one_line_cause(exc: BaseException) -> str:
+    """``"TypeName: first line of the message"``, for one-line errors about a user's code."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 class WrappedClassifier(nn.Module):
@@ -219,14 +229,19 @@ def _module_net(target: str, num_classes: int | None) -> nn.Module:
         raise ValueError(f"model spec module:{target} must read module:pkg.mod:factory")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"cannot import module {module_name!r} for model spec module:{target}: {exc}") from exc
+    except Exception as exc:  # ImportError, or whatever the user's module raises while it is imported
+        raise ModelSpecError(f"--model module:{target}: cannot import module {module_name!r}: "
+                             f"{one_line_cause(exc)}") from exc
     factory = getattr(module, factory_name, None)
     if not callable(factory):
         raise ValueError(f"module {module_name!r} has no callable {factory_name!r} (model spec module:{target})")
-    net = factory(num_classes=num_classes) if num_classes is not None and _takes_num_classes(factory) else factory()
+    try:
+        net = factory(num_classes=num_classes) if num_classes is not None and _takes_num_classes(factory) else factory()
+    except Exception as exc:  # the user's code may raise anything
+        raise ModelSpecError(f"--model module:{target}: the factory raised {one_line_cause(exc)}") from exc
     if not isinstance(net, nn.Module):
-        raise ValueError(f"{module_name}:{factory_name}() returned a {type(net).__name__}, not an nn.Module")
+        raise ModelSpecError(f"--model module:{target}: the factory returned a {type(net).__name__}, "
+                             "not an nn.Module")
     return net
 
 
@@ -246,27 +261,7 @@ def load_weights(net: nn.Module, weights: str | Path, spec: str) -> None:
             state = state[key]
             break
     state = {str(k).removeprefix("module."): v for k, v in state.items()}
-    expected = net.state_dict()
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        f"{k}: {_shape(v)} in file, {tuple(expected[k].shape)} in model"
-        for k, v in state.items()
-        if k in expected and (not isinstance(v, Tensor) or v.shape != expected[k].shape)
-    ]
-    if missing or unexpected or mismatched:
-        problems = [
-            f"{label} {_few(keys)}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
-            if keys
-        ]
-        raise CheckpointError(f"weights {weights} do not fit {spec}: {', '.join(problems)}")
+    problem = state_dict_mismatch(net.state_dict(), state)
+    if problem:
+        raise CheckpointError(f"--weights {weights} does not fit --model {spec}: {problem}")
     net.load_state_dict(state, strict=False)
-
-
-def _shape(value: object) -> str:
-    return str(tuple(value.shape)) if isinstance(value, Tensor) else type(value).__name__
-
-
-def _few(keys: list[str], limit: int = 5) -> str:
-    return str(keys[:limit]) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
