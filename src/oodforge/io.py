@@ -219,22 +219,67 @@ def expanded_size(node: yaml.Node, memo: dict[int, int] | None = None) -> int:
     return memo[id(node)]
 
 
+def duplicate_key(node: yaml.Node) -> tuple[str, int, int] | None:
+    """The first key given twice in one mapping of a composed YAML document, as (dotted key, its line, the
+    line of its first use); None when there is none (YAML would let the last one win silently)."""
+    constructor = yaml.constructor.SafeConstructor()
+    visited: set[int] = set()
+    pending: list[tuple[yaml.Node, str]] = [(node, "")]
+    while pending:  # depth first in document order; a node shared through aliases is checked once
+        current, where = pending.pop()
+        if id(current) in visited:
+            continue
+        visited.add(id(current))
+        children: list[tuple[yaml.Node, str]] = []
+        if isinstance(current, yaml.SequenceNode):
+            children = [(child, f"{where}[{i}]") for i, child in enumerate(current.value)]
+        elif isinstance(current, yaml.MappingNode):
+            first_lines: dict = {}
+            for key_node, value_node in current.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    children.append((value_node, where))
+                    continue
+                key = constructor.construct_object(key_node)
+                name = f"{where}.{key}" if where else str(key)
+                line = key_node.start_mark.line + 1
+                if key in first_lines:
+                    return name, line, first_lines[key]
+                first_lines[key] = line
+                children.append((value_node, name))
+        pending.extend(reversed(children))
+    return None
+
+
 def read_yaml_mapping(path: Path, what: str) -> dict:
-    """A YAML file that must hold a mapping; a missing file, bad YAML, an alias bomb or another type is one
-    clear error."""
+    """A YAML file that must hold a mapping; a missing file, text that is not UTF-8, bad YAML, a key given
+    twice, an alias bomb or another type is one clear error naming the file."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     if path.stat().st_size > MAX_YAML_BYTES:
         raise ValueError(f"{path}: a {what} larger than {MAX_YAML_BYTES >> 20} MiB is refused")
-    text = path.read_text()
+    data = path.read_bytes()
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ValueError(f"{path}: a {what} must be UTF-8 text; byte 0x{data[exc.start]:02x} on line {line} is "
+                         "not") from None
+    loader = yaml.SafeLoader(text)  # safe: no python tags
+    try:
+        node = loader.get_single_node()
         if node is not None and expanded_size(node) > MAX_YAML_NODES:
             raise ValueError(f"{path}: its aliases (*name) expand to more than {MAX_YAML_NODES:,} values; refused "
                              "(a YAML alias bomb)")
-        config = yaml.safe_load(text)
+        duplicate = None if node is None else duplicate_key(node)
+        if duplicate is not None:
+            key, line, first = duplicate
+            raise ValueError(f"{path}: key {key!r} is given twice, on line {first} and again on line {line}; "
+                             "keep one")
+        config = None if node is None else loader.construct_document(node)
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    finally:
+        loader.dispose()
     if not isinstance(config, dict):
         raise ValueError(f"{path}: a {what} must be a YAML mapping, got {type(config).__name__}")
     return config

@@ -19,6 +19,7 @@ the file and the key, and is raised before any data is decoded.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from oodforge.data.benchmarks import Benchmark
@@ -45,8 +46,8 @@ def load_benchmark_file(path: Path) -> Benchmark:
     sources.update({n: spec for n, (spec, _) in ood.items()})
     if name in ood:
         raise ValueError(f"{path}: OOD set {name!r} has the benchmark's own name; rename one of them")
-    mean = _floats(config.get("mean", IMAGENET_MEAN), path, "mean")
-    std = _floats(config.get("std", IMAGENET_STD), path, "std")
+    mean = _floats(config.get("mean", list(IMAGENET_MEAN)), path, "mean")
+    std = _floats(config.get("std", list(IMAGENET_STD)), path, "std", positive=True)
     channels = config.get("channels", len(mean))
     if len(mean) != len(std) or channels not in (1, 3) or len(mean) not in (1, channels):
         raise ValueError(f"{path}: mean and std need one value per channel (1 or 3), got {mean} and {std}")
@@ -67,7 +68,10 @@ def load_benchmark_file(path: Path) -> Benchmark:
 def check_spec(spec: str, path: Path, key: str) -> None:
     """Fail now, naming the key, when a dataset spec points at nothing."""
     if spec.startswith("folder:"):
-        locate(Path(spec.split(":", 1)[1]), "", spec)
+        try:
+            locate(Path(spec.split(":", 1)[1]), "", spec)
+        except ValueError as exc:  # a file that is no archive, or a damaged one
+            raise ValueError(f"{path}: {key}: {exc}") from None
     elif spec.startswith("synthetic:"):
         folder = Path(spec.split(":", 1)[1])
         if not folder.is_dir():
@@ -135,9 +139,15 @@ def _text(value: object, path: Path, key: str) -> str:
     return value
 
 
-def _floats(value: object, path: Path, key: str) -> list[float]:
-    if not isinstance(value, list) or not value or not all(isinstance(v, int | float) for v in value):
+def _floats(value: object, path: Path, key: str, positive: bool = False) -> list[float]:
+    """A non-empty list of finite numbers (each > 0 with ``positive``); else one line naming the file and key."""
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)):
         raise ValueError(f"{path}: {key} must be a list of numbers, got {value!r}")
+    bad = [v for v in value if not abs(v) <= sys.float_info.max or (positive and v <= 0)]  # NaN, inf, 1e999
+    if bad:
+        kind = "finite numbers > 0" if positive else "finite numbers"
+        raise ValueError(f"{path}: {key} must be {kind}, got {bad[0]!r} in {value!r}")
     return [float(v) for v in value]
 
 

@@ -7,6 +7,7 @@ Decoded archives and folders are cached as ``.npy`` under ``$OODFORGE_CACHE`` (d
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ import torchvision
 from PIL import Image
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
-from oodforge.data.decoding import CorruptImageError, decode_fitted, decode_image
+from oodforge.data.decoding import CorruptImageError, archive_error, decode_fitted, decode_image
 from oodforge.data.imageset import ImageSet
 from oodforge.data.manifest import cache_root
 from oodforge.data.streaming import FileImageSet, unpack_tar
@@ -31,6 +32,7 @@ from oodforge.registry import Registry
 
 DATASETS: Registry[ImageSet] = Registry("dataset")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 SPLITS = ("train", "test")
 
 
@@ -88,14 +90,14 @@ def dataset_names() -> list[str]:
 
 def _iter_archive(path: Path) -> Iterator[tuple[str, bytes]]:
     """Yield (member name, bytes) of the image files in a .tar(.gz) or .zip archive, sorted by name."""
-    return ((name, data) for name, data in sorted(_iter_all(path)) if name.lower().endswith(IMAGE_SUFFIXES))
+    return ((name, data) for name, data in sorted(_iter_all(path)) if is_image_name(name))
 
 
 def _iter_all(path: Path) -> Iterator[tuple[str, bytes]]:
     """Every file of a folder, .zip or .tar(.gz) archive; tar archives are streamed in stored order."""
     if path.is_dir():
-        for file in sorted(p for p in path.rglob("*") if p.is_file()):
-            yield str(file.relative_to(path)), file.read_bytes()
+        for member in list_files(path, images_only=False):
+            yield member, (path / member).read_bytes()
         return
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
@@ -109,17 +111,60 @@ def _iter_all(path: Path) -> Iterator[tuple[str, bytes]]:
                 if member.isfile():
                     yield member.name, archive.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise CorruptImageError(f"cannot read archive {path}: {exc}") from exc
+        raise archive_error(path, exc) from exc
 
 
-def _iter_folder(path: Path) -> Iterator[tuple[str, bytes]]:
-    for file in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-        yield str(file.relative_to(path)), file.read_bytes()
+def is_image_name(name: str) -> bool:
+    """Whether a file or archive member name is an image by its suffix (macOS AppleDouble ``._*`` files are not)."""
+    base = name.rsplit("/", 1)[-1]
+    return base.lower().endswith(IMAGE_SUFFIXES) and not base.startswith("._")
 
 
-def iter_images(path: Path) -> Iterator[tuple[str, bytes]]:
-    """(relative name, bytes) of every image in a folder or archive, in sorted order."""
-    return _iter_folder(path) if path.is_dir() else _iter_archive(path)
+def list_files(folder: Path, images_only: bool = True) -> list[str]:
+    """Relative paths of the (image) files below ``folder``, sorted: the one listing in-memory and streamed sets use.
+
+    Symlinked files and folders are followed, as torchvision's ImageFolder does; each real folder is
+    read once, under its own name when it lies inside ``folder``, so a link to a folder read already (a
+    loop among them) is skipped. Dangling or looping links, folders named like images and macOS
+    AppleDouble files (``._*``) are skipped.
+    """
+    found: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    pending, linked = [(folder, "")], []  # linked folders wait until every real one is read, so real names win
+    while pending or linked:
+        current, relative = pending.pop() if pending else linked.pop(0)
+        stat = current.stat()
+        if (stat.st_dev, stat.st_ino) in seen:
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        with os.scandir(current) as entries:
+            ordered = sorted(entries, key=lambda entry: entry.name)
+        folders = []
+        for entry in ordered:
+            try:
+                if entry.is_dir():
+                    (linked if entry.is_symlink() else folders).append((Path(entry.path), f"{relative}{entry.name}/"))
+                elif entry.is_file() and not entry.name.startswith("._") and (
+                        not images_only or is_image_name(entry.name)):
+                    found.append(f"{relative}{entry.name}")
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:  # a link that loops on itself is skipped; anything else is an error
+                    raise
+        pending.extend(reversed(folders))
+    return sorted(found, key=lambda member: member.split("/"))
+
+
+def iter_images(path: Path, prefix: str = "") -> Iterator[tuple[str, bytes]]:
+    """(relative name, bytes) of every image under ``prefix`` of a folder or archive, in sorted order."""
+    if path.is_dir():
+        return ((m, (path / m).read_bytes()) for m in _folder_members(path, prefix))
+    return ((m, d) for m, d in _iter_archive(path) if m.startswith(prefix))
+
+
+def _folder_members(path: Path, prefix: str) -> list[str]:
+    """The image files of a folder under ``prefix`` (``list_files``), as paths relative to ``path``."""
+    root = path / prefix if prefix else path
+    return [f"{prefix}{member}" for member in list_files(root)] if root.is_dir() else []
 
 
 def stack_uniform(arrays: list[np.ndarray]) -> np.ndarray:
@@ -171,12 +216,10 @@ def cached_arrays(key: str, source: Path, build: Callable[[], tuple[np.ndarray, 
 def _source_stamp(source: Path) -> str:
     """A hash of a file's, or of every file's in a folder, path, size, modification and status-change time and
     inode: a file replaced by another of the same size with its old modification time still changes it."""
-    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
     digest = hashlib.sha256()
-    for file in files:
-        stat = file.stat()
-        digest.update(f"{file.relative_to(source) if file != source else ''}:{stat.st_size}:{stat.st_mtime_ns}:"
-                      f"{stat.st_ctime_ns}:{stat.st_ino};".encode())
+    for member in [""] if source.is_file() else list_files(source, images_only=False):  # symlinks followed
+        stat = (source / member).stat() if member else source.stat()
+        digest.update(f"{member}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino};".encode())
     return digest.hexdigest()[:16]
 
 
@@ -197,10 +240,10 @@ def image_folder(path: Path, name: str | None = None, prefix: str = "", streamin
         return images if shape is None else images.reshaped(shape, resize)
 
     def build() -> tuple[np.ndarray, np.ndarray, list[str]]:
-        files = ((m, d) for m, d in iter_images(path) if m.startswith(prefix))  # read one file at a time
         arrays, members = [], []
-        for member, data in files:
-            arrays.append(decode_fitted(data, f"{path}:{member}", shape, resize))
+        for member, data in iter_images(path, prefix):  # read one file at a time
+            source = str(path / member) if path.is_dir() else f"{path}:{member}"
+            arrays.append(decode_fitted(data, source, shape, resize))
             members.append(member)
         if not arrays:
             raise DatasetNotFoundError(name, path, f"no image files under {prefix or 'its top level'}",
@@ -216,13 +259,23 @@ def image_folder(path: Path, name: str | None = None, prefix: str = "", streamin
 def locate(path: Path, prefix: str, name: str) -> tuple[Path, str]:
     """Split ``archive.tar.gz/inner/dir`` into (archive, "inner/dir/" + prefix); errors name the path."""
     if path.exists():
-        return path, prefix
+        return _folder_or_archive(path), prefix
     for parent in path.parents:
         if parent.is_file():
-            return parent, f"{path.relative_to(parent).as_posix()}/{prefix}"
+            return _folder_or_archive(parent), f"{path.relative_to(parent).as_posix()}/{prefix}"
         if parent.exists():
             break
     raise DatasetNotFoundError(name, path.parent, f"no folder or archive {path.name}", hint=False)
+
+
+def _folder_or_archive(path: Path) -> Path:
+    """``path`` when it is a folder, a zip or a tar archive; else one line saying what it must be."""
+    if path.is_dir() or (path.is_file() and (zipfile.is_zipfile(path) or tarfile.is_tarfile(path))):
+        return path
+    if path.name.lower().endswith(ARCHIVE_SUFFIXES):
+        raise CorruptImageError(f"cannot read archive {path}: not a readable zip or tar archive")
+    raise ValueError(f"{path}: a folder: spec must name a folder or an archive (.zip, .tar, .tar.gz), "
+                     "not another kind of file")
 
 
 def folder_labels(members: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -236,15 +289,11 @@ def folder_labels(members: list[str]) -> tuple[np.ndarray, list[str]]:
 def _member_sizes(path: Path, prefix: str) -> list[tuple[str, int]] | None:
     """(member, bytes) of the image files of a folder or zip under ``prefix``; None for tar archives."""
     if path.is_dir():
-        root = path / prefix if prefix else path
-        if not root.is_dir():
-            return []
-        return [(f"{prefix}{p.relative_to(root).as_posix()}", p.stat().st_size)
-                for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+        return [(member, (path / member).stat().st_size) for member in _folder_members(path, prefix)]
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             return sorted((i.filename, i.file_size) for i in archive.infolist()
-                          if i.filename.startswith(prefix) and i.filename.lower().endswith(IMAGE_SUFFIXES))
+                          if i.filename.startswith(prefix) and is_image_name(i.filename))
     return None
 
 
@@ -272,7 +321,7 @@ def streaming_folder(path: Path, prefix: str, name: str) -> FileImageSet:
         raise DatasetNotFoundError(name, path, f"no image files under {prefix or 'its top level'}", hint=False)
     members = [m for m, _ in sizes]
     labels, classes = folder_labels([m[len(prefix):] for m in members])
-    images = FileImageSet(name, path, members, labels, classes, stamp=_source_stamp(path))
+    images = FileImageSet(name, path, members, labels, classes)
     images.load(0)
     return images
 

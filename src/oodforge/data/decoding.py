@@ -12,6 +12,12 @@ class CorruptImageError(ValueError):
     """An image file that cannot be decoded; the message names the file."""
 
 
+def archive_error(archive: object, exc: BaseException) -> CorruptImageError:
+    """One line naming an archive that cannot be read, with the first line of the reader's complaint."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(":")
+    return CorruptImageError(f"cannot read archive {archive}: {reason}")
+
+
 def decode_pil(data: bytes, source: str) -> Image.Image:
     """Decode image bytes to a PIL image in mode ``RGB`` or ``L``; errors name ``source``."""
     try:

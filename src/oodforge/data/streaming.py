@@ -3,16 +3,22 @@
 Each image is read, decoded and brought to the target shape inside ``__getitem__``, so DataLoader
 workers do the work and memory holds only the batches in flight. Zip archives are read in place;
 tar archives (``.tar``, ``.tar.gz``) have no random access, so they are unpacked once into the cache
-(on disk, never into memory) and streamed from there.
+(on disk, never into memory; into a temporary folder when the cache cannot be written) and streamed
+from there.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import lzma
 import os
 import shutil
 import tarfile
+import tempfile
+import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -21,9 +27,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from oodforge.data.decoding import CorruptImageError, decode_fitted
+from oodforge.data.decoding import archive_error, decode_fitted
 from oodforge.data.imageset import balanced_index
 from oodforge.data.manifest import file_digests
+from oodforge.io import WriteError
 
 RESIZE_MODES = ("stretch", "shorter_crop")
 
@@ -39,7 +46,6 @@ class FileImageSet:
     classes: list[str] = field(default_factory=list)
     image_shape: tuple[int, int, int] | None = None  # None: keep each file's own size (batching needs equal sizes)
     resize: str = "stretch"
-    stamp: str = ""  # identifies the source's content (sizes and mtimes), for cache keys
 
     def __post_init__(self) -> None:
         if len(self.members) != len(self.labels):
@@ -126,22 +132,76 @@ class StreamingImages(Dataset):
         return image, int(self.images.labels[index])
 
 
+_TEMPORARY_UNPACKED: dict[str, Path] = {}  # archive key -> temporary folder, when the cache could not be written
+
+
+class _CannotWrite(Exception):
+    """The folder an archive is unpacked into cannot be written (read-only, full, not a folder)."""
+
+
 def unpack_tar(archive: Path, cache: Path) -> Path:
-    """Unpack a tar(.gz) archive once into ``cache`` (atomically, by renaming a finished folder)."""
+    """Unpack a tar(.gz) archive once into ``cache`` (atomically, by renaming a finished folder).
+
+    When the cache cannot be written (read-only, full disk), one warning names it and the cause, and the
+    archive is unpacked into a temporary folder removed at exit (once per process). An archive that
+    cannot be read is a ``CorruptImageError`` naming it.
+    """
     stat = archive.stat()
     key = hashlib.sha256(f"{archive.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache / "unpacked" / f"{archive.name}-{key}"
     if target.is_dir():
         return target
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    partial.mkdir(parents=True, exist_ok=True)
+    if key in _TEMPORARY_UNPACKED and _TEMPORARY_UNPACKED[key].is_dir():
+        return _TEMPORARY_UNPACKED[key]
+    reason = _unpack_into(archive, target)
+    if reason is None:
+        return target
+    folder = Path(tempfile.mkdtemp(prefix=f"oodforge-{archive.name}-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     try:
-        with tarfile.open(archive, "r:*") as tar:
-            tar.extractall(partial, filter="data")
-        os.replace(partial, target)
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        if not target.is_dir():  # else another process finished first
-            raise CorruptImageError(f"cannot read archive {archive}: {exc}") from exc
+        _extract(archive, folder)
+    except BaseException as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(exc, _CannotWrite):
+            raise WriteError(folder, f"cannot unpack {archive} there either ({exc}); the cache "
+                                     f"{cache / 'unpacked'} could not be written either ({reason})") from None
+        raise
+    warnings.warn(f"archive cache {cache / 'unpacked'} not written ({reason}); unpacked {archive} into the "
+                  f"temporary folder {folder} instead (removed at exit)", stacklevel=2)
+    _TEMPORARY_UNPACKED[key] = folder
+    return folder
+
+
+def _unpack_into(archive: Path, target: Path) -> str | None:
+    """Unpack into a partial folder renamed to ``target``; why the cache cannot be written, or None when done."""
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        _extract(archive, partial)
+        try:
+            os.replace(partial, target)
+        except OSError as exc:
+            raise _CannotWrite(exc.strerror or str(exc)) from exc
+    except _CannotWrite as exc:
+        return None if target.is_dir() else str(exc)  # a folder already there: another process finished first
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-    return target
+    return None
+
+
+def _extract(archive: Path, folder: Path) -> None:
+    """Unpack ``archive`` into ``folder``: ``_CannotWrite`` when ``folder`` cannot be written, a
+    ``CorruptImageError`` naming the archive when the archive cannot be read."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _CannotWrite(exc.strerror or str(exc)) from exc
+    with open(archive, "rb") as handle:  # an archive that cannot be opened is an OSError naming it, raised here
+        try:
+            with tarfile.open(fileobj=handle, mode="r:*") as tar:
+                tar.extractall(folder, filter="data")
+        except OSError as exc:
+            if exc.errno is None:  # a damaged gzip/bz2/xz stream has no errno; a failed write (ENOSPC, EROFS) has
+                raise archive_error(archive, exc) from exc
+            raise _CannotWrite(exc.strerror or str(exc)) from exc
+        except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as exc:
+            raise archive_error(archive, exc) from exc
