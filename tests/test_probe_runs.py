@@ -256,3 +256,18 @@ def test_tune_on_a_training_set_too_small_to_hold_out_is_one_error_naming_val_id
                     "for validation; give a separate 'val.id' set")
     assert not (out / "results.json").exists()
 
+
+# ---------------------------------------------------------------- row 14: diverged training saves nothing
+
+
+def test_training_that_diverges_on_its_last_step_saves_nothing(tmp_path) -> None:
+    """Row 14: --lr 1e30 for one step leaves finite weights (about 1e29) whose outputs are all NaN: one error
+    line, exit 2, and no model.ckpt, last.ckpt or results.json in --out."""
+    path = small_benchmark(tmp_path, per_class=10)
+    out = tmp_path / "run"
+    line = one_error(runner.invoke(app, ["train", "--benchmark", str(path), "--lr", "1e30", "--batch-size", "30",
+                                         "--epochs", "1", "--precision", "32-true", "--detectors", "msp,energy",
+                                         "--out", str(out), "--quiet"]))
+    assert line.startswith("error: outputs became NaN or infinite after the last step of epoch 1 (weights up to ")
+    assert line.endswith("); nothing was saved for it; lower --lr")
+    assert not any((out / name).exists() for name in ("model.ckpt", "last.ckpt", "results.json", "train.json"))
