@@ -118,7 +118,7 @@ def reference_knn(train: ModelOutputs, test: ModelOutputs, k: int) -> np.ndarray
     return -np.sqrt(np.maximum(2.0 - 2.0 * kth, 0.0))
 
 
-@pytest.mark.parametrize("k", [1, 5, 50, 499, 500, 1000])
+@pytest.mark.parametrize("k", [1, 5, 50, 499, 500])  # 500: every row (a larger k is refused)
 @pytest.mark.parametrize("path", ["in_memory", "chunked"])
 def test_knn_matches_numpy(data, k, path):
     _, train, test = data

@@ -202,7 +202,7 @@ def test_shape_dtype_unfitted_and_state(case, name):
     state = {k: v for k, v in vars(detector).items() if k.endswith("_") and k not in ("model_", "fitted_")}
     assert state, "no learned state"
     for key, value in state.items():  # what the generic save can write
-        assert isinstance(value, torch.Tensor | bool | int | float | str | list), key
+        assert isinstance(value, torch.Tensor | bool | int | float | str | list | dict), key
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -260,8 +260,11 @@ def test_nnguide_bank_is_a_seeded_subset(case):
     assert not torch.equal(rows, NNGuide(k=3, bank_fraction=0.2, seed=2).fit(train, model).bank_indices_)
     expected = reference_nnguide(model, train, test, k=3, rows=rows.numpy())
     np.testing.assert_allclose(detector.score_outputs(test).numpy(), expected, rtol=1e-5, atol=1e-6)
-    default = NNGuide(k=100).fit(train, model)  # 1% of 300 rows: a bank of 3, k clamped to it
-    assert len(default.bank_) == 3 and default.k_ == 3
+    with pytest.warns(UserWarning, match="using k=3"):
+        default = NNGuide().fit(train, model)  # 1% of 300 rows: a bank of 3, the default k=10 clamped to it
+    assert len(default.bank_) == 3 and default.k_ == 3 and default.params_used_ == {"k": 3}
+    with pytest.raises(ValueError, match="nnguide:k=100 is more than the 3 rows"):
+        NNGuide(k=100).fit(train, model)  # an explicit k larger than the bank is refused
 
 
 def test_relation_bank_is_a_seeded_subset(case):

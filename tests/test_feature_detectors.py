@@ -84,7 +84,7 @@ def test_mahalanobis_survives_singular_covariance(setup):
     assert torch.isfinite(scores).all()
 
 
-@pytest.mark.parametrize("k", [1, 5, 50, 1000])
+@pytest.mark.parametrize("k", [1, 5, 50, 300])  # 300: the whole training set (a larger k is refused)
 def test_knn_matches_brute_force(setup, k):
     model, train, test = setup
     normalize = torch.nn.functional.normalize

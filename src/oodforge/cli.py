@@ -9,7 +9,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import typer
-import yaml
 from rich.console import Console
 from rich.markup import escape
 
@@ -63,14 +62,10 @@ def _one_line_warnings(show: Callable) -> Callable:
 
 
 def _options(pairs: list[str] | None, what: str) -> dict:
-    """``["key=value", ...]`` -> dict with YAML-parsed values."""
-    options = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{what} {pair!r} must look like key=value")
-        options[key] = yaml.safe_load(value)
-    return options
+    """``["key=value", ...]`` -> dict with YAML-parsed values (``parse_options``)."""
+    from oodforge.validation import parse_options
+
+    return parse_options(pairs or [], what)
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -92,12 +87,12 @@ def _evaluate_and_save(model, benchmark, detectors: str, out: Path, train_info: 
     spec = parse_detector_spec(detectors)
     fitted = load_fitted_detectors(detector_dir, spec) if detector_dir else {}
     if fitted:
-        console.print(f"reusing fitted detectors from {detector_dir}: {', '.join(fitted)}")
+        console.print(f"reusing fitted detectors from {escape(str(detector_dir))}: {escape(', '.join(fitted))}")
     evaluation = evaluate(model, benchmark, spec, method=method, device=default_device(), batch_size=batch_size,
                           cache=OutputCache(enabled=cache), quiet=quiet, fitted=fitted,
                           train_subset=train_subset, tune=tune, precision=precision, outliers=outliers)
     for info in evaluation.failed.values():
-        console.print(f"[yellow]warning:[/yellow] {info['error']}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]warning:[/yellow] {escape(info['error'])}", highlight=False, soft_wrap=True)
     _save_detectors(evaluation, out)
     payload, scores = run_payload(benchmark, {method or "model": (model, evaluation, train_info, checkpoint)})
     save_run(out, payload, scores)
@@ -212,7 +207,8 @@ def score(benchmark: str = typer.Option(..., help="Benchmark: a registered name 
           detector_dir: Path | None = typer.Option(None, help="Reload fitted detectors (e.g. the flow) from "
                                                    "this folder, such as an earlier run's OUT/detectors."),
           tune: bool = typer.Option(False, "--tune", help="Also score each detector with parameters chosen on "
-                                    "the benchmark's validation data (rows '<detector>[tuned]')."),
+                                    "the benchmark's validation data (rows '<detector>[tuned]'); without a "
+                                    "val.id set, min(1000, 20%) of the ID training images are held out for it."),
           precision: str = typer.Option("auto", help=PRECISION_HELP),
           quiet: bool = typer.Option(False, "--quiet")) -> None:
     """Score a trained or pretrained classifier with post-hoc detectors on a benchmark."""

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from torch.utils.data import DataLoader
 
 from oodforge.data.benchmarks import Benchmark
@@ -34,6 +33,7 @@ from oodforge.metrics import accuracy, ood_metrics
 from oodforge.precision import autocast, resolve_precision
 from oodforge.progress import progress_bar
 from oodforge.results import OODResults
+from oodforge.validation import parse_options
 
 
 def parse_detector_spec(spec: str) -> dict[str, dict]:
@@ -50,12 +50,7 @@ def parse_detector_spec(spec: str) -> dict[str, dict]:
         if name == "all":
             items.extend((n, {}, True) for n in DETECTORS.names())
             continue
-        options = {}
-        for pair in filter(None, rest.split(";")):
-            key, sep, value = pair.partition("=")
-            if not sep:
-                raise ValueError(f"detector option {pair!r} of {name!r} must look like key=value")
-            options[key] = yaml.safe_load(value)
+        options = parse_options(filter(None, rest.split(";")), f"detector {item!r}: option")
         create_detector(name, **options)
         items.append((name, options, False))
     explicit = Counter(name for name, _, from_all in items if not from_all)
@@ -83,11 +78,13 @@ def build_detector(label: str, options: dict) -> Detector:
 
 
 def detector_record(detector: Detector) -> dict:
-    """What results.json says of a detector: its registered name, parameters and what it reads."""
+    """What results.json says of a detector: its registered name, parameters, what it reads and, where a default
+    was clamped to the data (``size_within``), the values used (``params_used``)."""
     params = {k: v if isinstance(v, bool | int | float | str | type(None)) else repr(v)
               for k, v in detector.get_params().items()}
+    used = getattr(detector, "params_used_", None)
     return {"detector": registered_name(detector) or type(detector).__name__, "params": params,
-            "requires": list(detector.requires)}
+            **({"params_used": dict(used)} if used else {}), "requires": list(detector.requires)}
 
 
 @dataclass

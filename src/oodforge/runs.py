@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
@@ -103,21 +104,24 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def print_results(payload: dict, console: Console | None = None) -> None:
-    """A table: one row per (method, detector), AUROC per OOD set, mean near/far AUROC and mean FPR95."""
+    """A table: one row per (method, detector), AUROC per OOD set, mean near/far AUROC and mean FPR95.
+
+    Labels are printed as results.json has them (``knn[k=10]``, ``knn[tuned]``), never read as rich markup.
+    """
     console = console or Console()
     results = payload["results"]
     ood_sets = list(payload["ood_sets"])
     methods = list(dict.fromkeys(r["method"] for r in results))
-    table = Table(title=f"{payload['benchmark']}: AUROC % (ID accuracy {percent(payload['id_accuracy'])})")
+    table = Table(title=escape(f"{payload['benchmark']}: AUROC % (ID accuracy {percent(payload['id_accuracy'])})"))
     for column in (["method"] if len(methods) > 1 else []) + ["detector"] + ood_sets + ["near", "far", "FPR95"]:
-        table.add_column(column, justify="left" if column in ("method", "detector") else "right")
+        table.add_column(escape(column), justify="left" if column in ("method", "detector") else "right")
     for method in methods:
         for detector in dict.fromkeys(r["detector"] for r in results if r["method"] == method):
             rows = {r["ood_dataset"]: r for r in results if r["method"] == method and r["detector"] == detector}
             cells = [f"{100 * rows[s]['auroc']:.2f}" for s in ood_sets]
             groups = [mean_auroc(results, detector, g, method) for g in ("near", "far")]
             fpr = np.mean([r["fpr95"] for r in rows.values()])
-            table.add_row(*([method] if len(methods) > 1 else []), detector, *cells,
+            table.add_row(*([escape(method)] if len(methods) > 1 else []), escape(detector), *cells,
                           *("-" if np.isnan(g) else f"{100 * g:.2f}" for g in groups), f"{100 * fpr:.2f}")
     console.print(table)
 

@@ -346,6 +346,10 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, quiet: 
             if bad:
                 raise FloatingPointError(f"weights became NaN or infinite during epoch {epoch + 1} (e.g. {bad[0]}); "
                                          f"nothing was saved for it; lower --lr")
+            if seen and nonfinite_outputs(model, x, fabric):
+                raise FloatingPointError(f"outputs became NaN or infinite after the last step of epoch {epoch + 1} "
+                                         f"(weights up to {largest_weight(model):.1e}); nothing was saved for it; "
+                                         f"lower --lr")
             if fabric.is_global_zero:
                 atomic_torch_save({"format": "oodforge-training", "model_config": asdict(model.config),
                                    "train_config": asdict(config), "epoch": epoch + 1, "history": history,
@@ -360,6 +364,28 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, quiet: 
         atomic_json({"train_config": asdict(config), "history": history}, out_dir / "train.json")
     model.history = history
     return model.eval()
+
+
+def nonfinite_outputs(model: Classifier, x: Tensor, fabric: Fabric) -> bool:
+    """Whether ``model`` as the last optimizer step left it gives NaN or infinite logits on ``x`` (the epoch's last
+    batch) in eval mode and float32, as scoring runs it, in any process. The loss of a step is checked before
+    its update, so a last step that blows finite weights up to where every output overflows shows only here."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            bad = not bool(torch.isfinite(model(x.float())).all())
+    finally:
+        model.train(was_training)
+    if fabric.world_size > 1:  # every process takes the same branch, so none waits alone in a collective
+        bad = bool(fabric.all_reduce(torch.tensor(float(bad), device=fabric.device), reduce_op="max") > 0)
+    return bad
+
+
+def largest_weight(model: nn.Module) -> float:
+    """The largest absolute value among the model's floating-point parameters."""
+    return max((float(p.detach().abs().max()) for p in model.parameters() if p.is_floating_point() and p.numel()),
+               default=0.0)
 
 
 def training_device(accelerator: str) -> str:

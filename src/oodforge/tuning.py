@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from oodforge.data.benchmarks import Benchmark
+from oodforge.data.benchmarks import VAL_HOLDOUT, VAL_HOLDOUT_SHARE, Benchmark, Images
 from oodforge.data.datasets import overlaps
 from oodforge.detectors import Detector, ModelOutputs
 from oodforge.evaluate import build_detector, input_scores
@@ -73,7 +73,8 @@ def tune(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, dict
          outliers: str | None = None) -> Tuning:
     """Choose each tunable detector's parameters by mean validation AUROC; test sets are not opened.
 
-    Detectors fit on the training split minus the ID validation hold-out (``Benchmark.split_train``);
+    Detectors fit on the training split minus the ID validation hold-out (``Benchmark.split_train``: without a
+    ``val.id`` set, min(1000, 20% of the training split) class-balanced images, recorded as ``id_holdout``);
     each candidate scores the ID validation images against every validation OOD set except those from
     the source of the model's training ``outliers`` (a dataset spec, e.g. ``natural_patches``).
     """
@@ -89,7 +90,7 @@ def tune(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, dict
     sets = {"id": val_id, **val_ood}
     outputs = {n: cache.outputs(model, s, device, batch_size, quiet, precision=precision) for n, s in sets.items()}
     train: ModelOutputs | None = None
-    tuning = Tuning({"id": f"{val_id.name} ({len(val_id)} images)",
+    tuning = Tuning({"id": f"{val_id.name} ({len(val_id)} images)", **_holdout_record(benchmark, fit_images, val_id),
                      "ood": {n: f"{benchmark.val['ood'][n]['data']}:{benchmark.val['ood'][n].get('split', 'test')} "
                                 f"({len(s)} images)" for n, s in val_ood.items()},
                      **({"excluded": apart} if apart else {})})
@@ -115,6 +116,16 @@ def tune(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, dict
             bar.advance(task)
     tuning.seconds = time.perf_counter() - tic
     return tuning
+
+
+def _holdout_record(benchmark: Benchmark, fit_images: Images, val_id: Images) -> dict:
+    """``{"id_holdout": {...}}`` when the ID validation images were held out of the training split, else {}."""
+    source = benchmark.val.get("id", {"holdout": VAL_HOLDOUT})
+    if not isinstance(source, dict):
+        return {}
+    configured = int(source.get("holdout", VAL_HOLDOUT))
+    return {"id_holdout": {"images": len(val_id), "of_train": len(fit_images) + len(val_id),
+                           "rule": f"min({configured}, {VAL_HOLDOUT_SHARE:.0%} of the training split)"}}
 
 
 def _search(label: str, options: dict, trials: list[dict], model, train, outputs, sets, device,

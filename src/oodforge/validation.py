@@ -7,9 +7,15 @@ import os
 import tempfile
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 
+import yaml
+
+from oodforge.io import expanded_size
+
 SIMPLE_TYPES = (bool, int, float, str, dict, list)
+MAX_OPTION_VALUES = 10_000  # an option value whose YAML aliases expand to more values than this is refused
 
 
 def allowed_types(hint: object) -> tuple[type, ...]:
@@ -39,6 +45,29 @@ def check_value(owner: str, name: str, value: object, hint: object) -> object:
     if float in allowed and isinstance(value, int) and not isinstance(value, bool) and int not in allowed:
         return float(value)
     return value
+
+
+def parse_options(pairs: Iterable[str], what: str) -> dict:
+    """``["key=value", ...]`` -> {key: value}, each value read as plain YAML (safe loader: no Python tags).
+
+    A pair without ``=`` or a key, a value that is not valid YAML, or one whose aliases expand to more than
+    ``MAX_OPTION_VALUES`` values is one ``ValueError`` naming ``what``, the pair and the option.
+    """
+    options = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{what} {pair!r} must look like key=value")
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            if node is not None and expanded_size(node) > MAX_OPTION_VALUES:
+                raise ValueError(f"{what} {pair!r}: the value of {key!r} expands to more than "
+                                 f"{MAX_OPTION_VALUES:,} values; refused")
+            options[key] = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ValueError(f"{what} {pair!r}: the value of {key!r} is not a plain YAML value ({reason})") from None
+    return options
 
 
 def check_output_folder(path: str | Path, flag: str = "--out") -> Path:

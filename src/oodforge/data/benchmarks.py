@@ -17,6 +17,7 @@ from oodforge.registry import Registry
 
 Images = ImageSet | FileImageSet
 VAL_HOLDOUT = 1000  # ID validation images held out from the training split when no val.id set is given
+VAL_HOLDOUT_SHARE = 0.2  # ... but never more than this share of it, so detectors still fit on most images
 VAL_LIMIT = 2000  # validation OOD sets are cut to this many images
 
 
@@ -105,12 +106,12 @@ class Benchmark:
         return replace(self, ood={n: g for n, g in self.ood.items() if n not in missing}, val=val), messages
 
     def split_train(self, root: str | Path | None = None) -> tuple[Images, Images]:
-        """(images to fit detectors on, ID validation images): a separate ``val.id`` set, or a
-        class-balanced hold-out of ``val.id.holdout`` images taken from the end of the training split."""
+        """(images to fit detectors on, ID validation images): a separate ``val.id`` set, or a class-balanced
+        hold-out taken from the end of the training split (``holdout_count`` images)."""
         train = self.id_set("train", root)
         source = self.val.get("id", {"holdout": VAL_HOLDOUT})
         if isinstance(source, dict):
-            count = int(source.get("holdout", VAL_HOLDOUT))
+            count = self.holdout_count(len(train))
             held = len(train) - 1 - balanced_index(train.labels[::-1], count)
             keep = np.setdiff1d(np.arange(len(train)), held)
             return train.subset(keep), train.subset(np.sort(held), f"{train.name}-val")
@@ -118,6 +119,19 @@ class Benchmark:
                               resize=self.resize)
         classes = list(self.classes) if self.classes else train.classes
         return train, relabel(adapt(images, self.image_shape, self.resize), classes, source)
+
+    def holdout_count(self, train_size: int) -> int | None:
+        """How many of ``train_size`` training images ``split_train`` holds out for ID validation: the configured
+        ``val.id.holdout`` (default ``VAL_HOLDOUT``) but at most ``VAL_HOLDOUT_SHARE`` of them; None with a
+        separate ``val.id`` set. A split too small to hold out even one image is one ``ValueError``."""
+        source = self.val.get("id", {"holdout": VAL_HOLDOUT})
+        if not isinstance(source, dict):
+            return None
+        count = min(int(source.get("holdout", VAL_HOLDOUT)), int(train_size * VAL_HOLDOUT_SHARE))
+        if count < 1:
+            raise ValueError(f"benchmark {self.name!r}: its ID training split has {train_size} images, too few to "
+                             f"hold out {VAL_HOLDOUT_SHARE:.0%} of them for validation; give a separate 'val.id' set")
+        return count
 
     def val_ood_sets(self, root: str | Path | None = None, limit: int = VAL_LIMIT) -> dict[str, Images]:
         """The validation OOD sets (at most ``limit`` evenly spaced images each), in the ID format."""

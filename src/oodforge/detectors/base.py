@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import pickle
 import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -187,6 +188,29 @@ class Detector:
         detector.model_ = model
         detector.fitted_ = True
         return detector
+
+
+def size_within(detector: Detector, name: str, limit: int, what: str, warn: bool = True) -> int:
+    """The value of size parameter ``name`` (``k``, ``m``, ...) to use when only ``limit`` ``what`` exist.
+
+    A value that fits is used as it is. The parameter's default, when too large, is clamped to ``limit``: the
+    value used goes into ``params_used_`` (results.json records it) with a warning (unless ``warn`` is False).
+    Any other value that is too large is refused with one ``ValueError`` naming ``<detector>:<name>=<value>``
+    and ``limit``.
+    """
+    value = getattr(detector, name)
+    used = getattr(detector, "params_used_", {})
+    if value <= limit:
+        detector.params_used_ = {k: v for k, v in used.items() if k != name}
+        return value
+    label = detector._label()
+    if value != inspect.signature(type(detector).__init__).parameters[name].default:
+        raise ValueError(f"{label}:{name}={value} is more than the {limit} {what}; choose {name} <= {limit}")
+    if warn:
+        warnings.warn(f"{label}: {name}={value} (the default) is more than the {limit} {what}; using "
+                      f"{name}={limit}", stacklevel=2)
+    detector.params_used_ = {**used, name: limit}
+    return limit
 
 
 DETECTORS: Registry[Detector] = Registry("detector")

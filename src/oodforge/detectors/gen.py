@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
+from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs, size_within
 from oodforge.detectors.chunks import CHUNK_ROWS
 
 
@@ -15,11 +15,12 @@ from oodforge.detectors.chunks import CHUNK_ROWS
 class GEN(Detector):
     """Score = -sum_{j<=M} p_(j)^gamma (1 - p_(j))^gamma over the M largest softmax probabilities p_(j).
 
-    M is clamped to the number of classes C. Defaults gamma = 0.1 and M = 100 are the paper's and those of
-    the official code (github.com/XixiLiu95/GEN, ``benchmark.py``) and OpenOOD v1.5
-    (``configs/postprocessors/gen.yml``, ``openood/postprocessors/gen_postprocessor.py``). The grid is
-    OpenOOD's sweep with gamma restricted to (0, 1], the range in which the paper defines G_gamma, and
-    smaller M added for datasets with few classes.
+    M must not exceed the number of classes C; the default M = 100 on fewer classes means all C of them (the
+    value used is recorded in ``params_used_``), any other M > C is refused (``base.size_within``). Defaults
+    gamma = 0.1 and M = 100 are the paper's and those of the official code (github.com/XixiLiu95/GEN,
+    ``benchmark.py``) and OpenOOD v1.5 (``configs/postprocessors/gen.yml``,
+    ``openood/postprocessors/gen_postprocessor.py``). The grid is OpenOOD's sweep with gamma restricted to
+    (0, 1], the range in which the paper defines G_gamma, and smaller M added for datasets with few classes.
     """
 
     requires: ClassVar[tuple[str, ...]] = ("logits",)
@@ -38,10 +39,11 @@ class GEN(Detector):
 
     def _score(self, outputs: ModelOutputs) -> Tensor:
         logits = outputs.logits.detach()
-        parts = [self._block(logits[start:start + CHUNK_ROWS]) for start in range(0, len(logits), CHUNK_ROWS)]
+        m = size_within(self, "m", logits.shape[1], "classes", warn=False)
+        parts = [self._block(logits[start:start + CHUNK_ROWS], m) for start in range(0, len(logits), CHUNK_ROWS)]
         return torch.cat(parts).float() if parts else logits.new_zeros(0, dtype=torch.float32)
 
-    def _block(self, logits: Tensor) -> Tensor:
+    def _block(self, logits: Tensor, m: int) -> Tensor:
         probs = torch.softmax(logits.double(), dim=1)
-        top = probs.topk(min(self.m, probs.shape[1]), dim=1).values
+        top = probs.topk(m, dim=1).values
         return -(top.pow(self.gamma) * (1.0 - top).pow(self.gamma)).sum(dim=1)

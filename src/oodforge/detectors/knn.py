@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
+from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs, size_within
 from oodforge.detectors.chunks import check_chunk_rows, default_chunk_rows, row_slices
 
 TILE_ELEMENTS = 2 << 20  # similarities per query block: 8 MiB of float32 stay in cache (~20% faster than 256 MiB)
@@ -19,7 +19,8 @@ MIN_QUERIES = 16  # but never fewer queries than this per matrix product
 class KNN(Detector):
     """Negative Euclidean distance from h/||h|| to its ``k``-th nearest L2-normalized training feature.
 
-    ``k`` is clamped to the training set size. Search is exact: blocks of queries times the training
+    ``k`` must not exceed the number of training features; the default ``k``, when it does, is clamped to it
+    with a warning (``base.size_within``). Search is exact: blocks of queries times the training
     matrix, each block's float32 similarity matrix kept under ``memory_mb``. A training set of at
     most ``memory_mb`` (as float32) is kept as one normalized copy; a larger one is not copied: the
     detector keeps a reference to the training features (which must then stay unchanged, e.g. a
@@ -57,7 +58,7 @@ class KNN(Detector):
         features = train.features.detach()
         if features.ndim != 2 or len(features) == 0:
             raise ValueError(f"train features must be non-empty (N, D), got {tuple(features.shape)}")
-        self.k_ = min(self.k, len(features))
+        self.k_ = size_within(self, "k", len(features), "training features it searches")
         if 4 * features.numel() <= self.memory_mb * 2**20:
             self.train_features_ = normalize(features).contiguous()
             self.train_inverse_norms_ = None

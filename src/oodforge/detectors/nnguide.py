@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
+from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs, size_within
 
 SIMILARITY_ELEMENTS = 1 << 24  # at most this many query-bank similarities per block (128 MiB of float64)
 
@@ -19,7 +19,8 @@ class NNGuide(Detector):
 
     The bank holds the L2-normalized training features of a seeded random subset of the training set
     (``bank_fraction`` of its rows, at least one), each scaled by its own energy logsumexp(f); energy is
-    logsumexp of the logits. ``k`` is clamped to the bank size. Sources: Park et al., "Nearest Neighbor
+    logsumexp of the logits. ``k`` must not exceed the bank size; the default ``k``, when it does, is clamped
+    to it with a warning (``base.size_within``). Sources: Park et al., "Nearest Neighbor
     Guidance for Out-of-Distribution Detection" (ICCV 2023, arXiv:2309.14888) and the official code
     github.com/roomo7time/nnguide (ood_detectors/nnguide.py; configs/detector/nnguide.yaml: knn_k = 10;
     dataloaders/datasets_large.py: a shuffled 1% of the training set as the bank). OpenOOD v1.5
@@ -60,7 +61,8 @@ class NNGuide(Detector):
             energy = torch.logsumexp(logits[rows.to(logits.device)].to(features.device, torch.float64), dim=1)
             parts.append(F.normalize(features[rows].to(torch.float64), dim=1) * energy[:, None])
         self.bank_ = torch.cat(parts)
-        self.k_ = min(self.k, len(self.bank_))
+        self.k_ = size_within(self, "k", len(self.bank_), f"rows of its guidance bank (bank_fraction="
+                                                           f"{self.bank_fraction:g} of {len(features)} training rows)")
 
     def _score(self, outputs: ModelOutputs) -> Tensor:
         features, logits = outputs.features.detach(), outputs.logits.detach()
