@@ -64,6 +64,7 @@ def replace_keeping_size_and_mtime(path: Path, seed: int) -> None:
 
 
 def test_fingerprint_covers_every_image_labels_and_classes() -> None:
+    """Row 1: one changed pixel anywhere in a 600-image set, a label or a class name changes the key."""
     rng = np.random.default_rng(0)
     base = ImageSet("s", rng.integers(0, 256, (600, 4, 4, 3), dtype=np.uint8), np.arange(600) % 3, ["a", "b", "c"])
     seen = {base.fingerprint()}
@@ -80,6 +81,7 @@ def test_fingerprint_covers_every_image_labels_and_classes() -> None:
 
 
 def test_item_digests_are_equal_exactly_for_equal_images() -> None:
+    """Rows 1 and 15: per-image pixel hashes, equal exactly for equal images."""
     images = np.zeros((4, 3, 3, 1), np.uint8)
     images[1, 0, 0, 0] = 1
     images[3] = images[1]
@@ -90,6 +92,7 @@ def test_item_digests_are_equal_exactly_for_equal_images() -> None:
 
 
 def test_in_memory_folder_reloads_a_file_replaced_with_same_size_and_mtime(tmp_path) -> None:
+    """Row 1: a folder image replaced by one of the same size with its old mtime is decoded again."""
     paths = write_images(tmp_path / "ood", 20, seed=0, suffix=".bmp")
     first = image_folder(tmp_path / "ood", streaming="never")
     replace_keeping_size_and_mtime(paths[11], seed=5)
@@ -100,6 +103,7 @@ def test_in_memory_folder_reloads_a_file_replaced_with_same_size_and_mtime(tmp_p
 
 
 def test_streamed_fingerprint_follows_file_contents_through_the_manifest(tmp_path, monkeypatch) -> None:
+    """Row 1: a streamed set is keyed by file contents; the manifest re-reads only the replaced file."""
     paths = write_images(tmp_path / "ood", 30, seed=0, suffix=".bmp")
     streamed = image_folder(tmp_path / "ood", streaming="always", shape=(8, 8, 3))
     first = streamed.fingerprint()
@@ -113,6 +117,7 @@ def test_streamed_fingerprint_follows_file_contents_through_the_manifest(tmp_pat
 
 
 def test_zip_members_are_hashed_again_only_when_the_archive_changes(tmp_path) -> None:
+    """Row 1: members of a zip archive are keyed by their content."""
     archive = tmp_path / "set.zip"
     with zipfile.ZipFile(archive, "w") as handle:
         handle.writestr("a.png", b"one")
@@ -140,6 +145,7 @@ class Net(nn.Module):
 
 
 def test_model_fingerprint_covers_weights_buffers_structure_and_normalization() -> None:
+    """Row 2: weights, layer settings (a stride) and the input normalization are all in the model key."""
     torch.manual_seed(0)
     net = Net()
     base = model_fingerprint(net)
@@ -159,6 +165,7 @@ def test_model_fingerprint_covers_weights_buffers_structure_and_normalization() 
 
 
 def test_code_identity_names_library_versions_and_hashes_user_source(tmp_path, monkeypatch) -> None:
+    """Row 2: library classes are keyed by version, user classes by their source file."""
     assert code_identity({nn.Conv2d}) == {"torch": f"torch=={torch.__version__.split('+')[0]}"}
     source = tmp_path / "idnets.py"
     source.write_text("import torch\nclass A(torch.nn.Linear):\n    pass\n")
@@ -229,6 +236,7 @@ FORWARD = "return self.fc(self.conv(x).mean((2, 3)))"
 @pytest.mark.parametrize("streaming", ["never", "always"])
 def test_one_image_changed_in_a_600_image_set_gives_new_numbers(bench_yaml, tmp_path, monkeypatch,
                                                                  streaming) -> None:
+    """Row 1: one image changed in the middle of a 600-image OOD folder (in memory or streamed): new numbers."""
     config = yaml.safe_load(bench_yaml.read_text()) | {"streaming": streaming}
     bench_yaml.write_text(yaml.safe_dump(config))
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -245,6 +253,7 @@ def test_one_image_changed_in_a_600_image_set_gives_new_numbers(bench_yaml, tmp_
 
 
 def test_editing_a_module_models_forward_gives_new_numbers(bench_yaml, tmp_path, monkeypatch) -> None:
+    """Row 2: one line of a module: model's forward edited, or another factory with the same weights: new numbers."""
     monkeypatch.syspath_prepend(str(tmp_path))
     before = score(bench_yaml, user_module(tmp_path, FORWARD), tmp_path / "a")
     edited = score(bench_yaml, user_module(tmp_path, "return 3.0 * " + FORWARD[7:]), tmp_path / "b")
@@ -260,6 +269,7 @@ def test_editing_a_module_models_forward_gives_new_numbers(bench_yaml, tmp_path,
 
 
 def test_evaluation_key_covers_the_fit_set_and_the_model_code(bench_yaml, tmp_path) -> None:
+    """Row 1: the stored-evaluation key of bench covers the training images detectors fit on."""
     benchmark = load_benchmark_file(bench_yaml)
     torch.manual_seed(0)
     model = wrap_model(Net(), mean=[0.5] * 3, std=[0.25] * 3)
@@ -273,12 +283,13 @@ def test_evaluation_key_covers_the_fit_set_and_the_model_code(bench_yaml, tmp_pa
 
 
 def test_an_ood_set_that_repeats_the_id_test_set_is_warned_about(bench_yaml, tmp_path, monkeypatch) -> None:
+    """Row 15: an OOD set identical to the ID test set is scored with one warning line naming both."""
     config = yaml.safe_load(bench_yaml.read_text())
     config["ood"]["copy"] = {"data": "folder:id/test", "group": "far"}
     bench_yaml.write_text(yaml.safe_dump(config))
     monkeypatch.syspath_prepend(str(tmp_path))
     result = runner.invoke(app, ["score", "--benchmark", str(bench_yaml), "--model", user_module(tmp_path, FORWARD),
-                                 "--detectors", "msp,knn", "--out", str(tmp_path / "run"), "--quiet"])
+                                 "--detectors", "msp,knn:k=3", "--out", str(tmp_path / "run"), "--quiet"])
     assert result.exit_code == 0, result.output
     warned = [line for line in result.output.splitlines() if line.startswith("warning:")]
     assert warned == ["warning: OOD set 'copy' shares 24 of its 24 images with the ID test set 'tiny'; its scores "
@@ -288,6 +299,7 @@ def test_an_ood_set_that_repeats_the_id_test_set_is_warned_about(bench_yaml, tmp
 
 
 def test_shared_count_compares_like_with_like(tmp_path) -> None:
+    """Row 15: shared images are counted by pixels in memory and by file content when streamed."""
     write_images(tmp_path / "a", 6, seed=0)
     write_images(tmp_path / "b", 4, seed=0)  # the first 4 images of a
     in_memory = image_folder(tmp_path / "a", streaming="never"), image_folder(tmp_path / "b", streaming="never")
@@ -298,6 +310,7 @@ def test_shared_count_compares_like_with_like(tmp_path) -> None:
 
 
 def test_output_cache_key_time_is_recorded(bench_yaml, tmp_path, monkeypatch) -> None:
+    """Row 1: the time spent hashing for cache keys is recorded in results.json's timings."""
     monkeypatch.syspath_prepend(str(tmp_path))
     score(bench_yaml, user_module(tmp_path, FORWARD), tmp_path / "a")
     timings = json.loads((tmp_path / "a" / "results.json").read_text())["timings"]

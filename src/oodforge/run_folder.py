@@ -4,18 +4,21 @@ Every file of one write is first written into a staging folder inside the run fo
 (``.staging-<host>-<pid>-*``). When all are written, a ``COMMITTED`` marker listing them is written, then
 each is renamed into place. A kill before the marker leaves the old files untouched (the staging folder is
 removed by the next writer or reader); a kill after it is finished by the next writer or reader (roll
-forward). So, seen through oodforge, a run folder holds either all old files or all new ones. results.json
-also records ``scores_sha256``, a digest of the score arrays, so that ``report`` refuses a scores.npz that
-does not belong to its results.json (copied from elsewhere, or left by an older oodforge).
+forward). Moving files in holds an exclusive lock on the run folder, so concurrent writers replace the run
+one after the other, never interleaved. So, seen through oodforge, a run folder holds either all old files or
+all new ones. results.json also records ``scores_sha256``, a digest of the score arrays, so that ``report``
+refuses a scores.npz that does not belong to its results.json (copied from elsewhere, or left by an older oodforge).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -61,16 +64,32 @@ def write_together(folder: Path, writers: Mapping[str, Callable[[Path], None]]) 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _move_in(staging, folder)
+    with _locked(folder):  # one writer moves its files in at a time, so no run is mixed from two writes
+        _move_in(staging, folder)
 
 
 def finish_pending(folder: Path) -> None:
     """Complete a committed write that a kill interrupted; drop an uncommitted one of a dead process."""
-    for staging in sorted(Path(folder).glob(f"{STAGING_PREFIX}*")):
-        if (staging / COMMITTED).is_file():
-            _move_in(staging, folder)
-        elif writer_gone(*tag_owner(staging.name[len(STAGING_PREFIX):].rpartition("-")[0])):
-            shutil.rmtree(staging, ignore_errors=True)
+    with _locked(folder):
+        for staging in sorted(Path(folder).glob(f"{STAGING_PREFIX}*")):
+            if (staging / COMMITTED).is_file():
+                _move_in(staging, folder)
+            elif writer_gone(*tag_owner(staging.name[len(STAGING_PREFIX):].rpartition("-")[0])):
+                shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` itself (``flock`` on the directory: no lock file is left)."""
+    if not Path(folder).is_dir():  # nothing written there yet: nothing to finish or to guard
+        yield
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def _move_in(staging: Path, folder: Path) -> None:
