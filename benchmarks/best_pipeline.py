@@ -5,7 +5,7 @@ Usage (issue 15, CIFAR-10 from scratch):
     python benchmarks/best_pipeline.py benchmarks/results/cifar10_scratch_results.json \
         benchmarks/results/cifar10_scratch_losses_results.json ... --out benchmarks/results/cifar10_best_pipeline
 
-The rule is the bench's (``oodforge.bench.best_on_validation``): the highest mean validation AUROC over the
+The rule is the bench's (``oodforge.bench.jobs.best_on_validation``): the highest mean validation AUROC over the
 validation sets common to every run, or over ``--validation-set`` only. Test numbers of the pick are reported
 next to the target (near AUROC, near FPR95, ID accuracy); each run's own pick by the same rule (to compare runs, such
 as heads against softmax, each with the detector a user would choose without test data) follows; the best test row is
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from oodforge.bench import (
+from oodforge.bench.jobs import (
     load_payloads,
     merge_payloads,
     payload_validation_sets,
@@ -24,7 +24,7 @@ from oodforge.bench import (
     rank_on_validation,
     summarize,
 )
-from oodforge.io import atomic_json, atomic_write
+from oodforge.util.atomic import atomic_json, atomic_write
 
 
 def meets(row: dict, near_auroc: float, near_fpr95: float, accuracy: float) -> bool:

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from oodforge.data.benchmarks import get_benchmark
-from oodforge.evaluate import evaluate, parse_detector_spec
-from oodforge.features import OutputCache, compute_outputs
+from oodforge.evaluation.extraction import OutputCache, compute_outputs
+from oodforge.evaluation.runner import evaluate, parse_detector_spec
 from oodforge.models.classifier import ModelConfig, load_classifier
-from oodforge.train import TrainConfig, pretrained_config, train
+from oodforge.training.loop import TrainConfig, pretrained_config, train
 
 PRECISIONS = ("32-true", "bf16-mixed")
 

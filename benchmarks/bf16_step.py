@@ -9,7 +9,7 @@ import time
 import torch
 
 from oodforge.data.benchmarks import get_benchmark
-from oodforge.train import TrainConfig, make_model
+from oodforge.training.loop import TrainConfig, make_model
 
 torch.manual_seed(0)
 cfg = TrainConfig(benchmark="cifar10")

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from oodforge.data.benchmarks import get_benchmark
-from oodforge.evaluate import evaluate, parse_detector_spec
-from oodforge.features import OutputCache, compute_outputs
+from oodforge.evaluation.extraction import OutputCache, compute_outputs
+from oodforge.evaluation.runner import evaluate, parse_detector_spec
 from oodforge.models.classifier import ModelConfig, load_classifier
-from oodforge.train import pretrained_config
+from oodforge.training.loop import pretrained_config
 
 
 def main() -> None:

@@ -24,10 +24,10 @@ import numpy as np  # noqa: E402
 
 from oodforge.data.benchmarks import get_benchmark  # noqa: E402
 from oodforge.detectors import create_detector  # noqa: E402
-from oodforge.features import OutputCache  # noqa: E402
-from oodforge.metrics import ood_metrics  # noqa: E402
+from oodforge.evaluation.extraction import OutputCache  # noqa: E402
+from oodforge.evaluation.metrics import ood_metrics  # noqa: E402
 from oodforge.models.classifier import ModelConfig, load_classifier  # noqa: E402
-from oodforge.train import pretrained_config  # noqa: E402
+from oodforge.training.loop import pretrained_config  # noqa: E402
 
 
 def load_model(args):

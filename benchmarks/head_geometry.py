@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from oodforge.data.benchmarks import get_benchmark
-from oodforge.features import compute_outputs
-from oodforge.io import atomic_json, atomic_write
+from oodforge.evaluation.extraction import compute_outputs
 from oodforge.models.classifier import CheckpointError, load_classifier
 from oodforge.models.heads import ArcFace, CosineHead
+from oodforge.util.atomic import atomic_json, atomic_write
 
 KEYS = ["accuracy", "mean_cos_y", "mean_max_other_cos", "margin_met", "fallback_branch"]
 RATES = {"accuracy", "margin_met", "fallback_branch"}  # shown in %

@@ -7,7 +7,7 @@ Usage (issue 15, the cosine heads: seed 0 was scored in an earlier session, seed
 
 writes ``<out>_results.json``, ``<out>_results.md``, ``<out>_summary.json`` and ``<out>_summary.md``, the files a
 single ``oodforge bench`` call over all seeds writes as results.json / results.md / summary.json / summary.md
-(``oodforge.bench.merge_payloads`` + ``summarize``; a method found in two inputs must have the same results).
+(``oodforge.bench.jobs.merge_payloads`` + ``summarize``; a method found in two inputs must have the same results).
 An input may be the results.json of a bench of one run and one seed, which keeps its method's block at the top level.
 Every input is read and checked before anything is written.
 """
@@ -17,9 +17,9 @@ import argparse
 import json
 from pathlib import Path
 
-from oodforge.bench import load_payloads, merge_payloads, summarize, summary_markdown
-from oodforge.io import atomic_write
-from oodforge.runs import results_markdown
+from oodforge.bench.jobs import load_payloads, merge_payloads, summarize, summary_markdown
+from oodforge.runs.payload import results_markdown
+from oodforge.util.atomic import atomic_write
 
 
 def merged_outputs(payloads: list[dict], names: list[str]) -> dict[str, str]:

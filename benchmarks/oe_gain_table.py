@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from oodforge.bench import pm_cell
+from oodforge.bench.jobs import pm_cell
 
 # OE run -> (run without outliers, headline detector, its label); any other "<name>_oe": ("<name>", max cosine)
 HEADLINE = {"softmax_oe": ("ce", "energy", "energy")}

@@ -19,10 +19,10 @@ import torch
 
 from oodforge.data.benchmarks import get_benchmark
 from oodforge.detectors.relation import Relation
-from oodforge.features import OutputCache
-from oodforge.metrics import ood_metrics
+from oodforge.evaluation.extraction import OutputCache
+from oodforge.evaluation.metrics import ood_metrics
 from oodforge.models.classifier import ModelConfig, load_classifier
-from oodforge.train import pretrained_config
+from oodforge.training.loop import pretrained_config
 
 
 def main() -> None:

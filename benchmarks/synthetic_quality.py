@@ -25,9 +25,9 @@ import torch
 
 from oodforge.data.benchmarks import get_benchmark
 from oodforge.data.datasets import load_dataset
-from oodforge.features import compute_outputs
-from oodforge.io import atomic_json, atomic_write
+from oodforge.evaluation.extraction import compute_outputs
 from oodforge.models.classifier import load_classifier
+from oodforge.util.atomic import atomic_json, atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from oodforge.bench import bench_recipes, benchmark_reference, load_bench_config, select_part
+from oodforge.bench.jobs import bench_recipes, benchmark_reference, load_bench_config, select_part
 from oodforge.cli import app
 
 runner = CliRunner()

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import real_root
-from oodforge.data.benchmarks import BENCHMARKS, adapt_images, get_benchmark
+from oodforge.data.benchmark import adapt_images
+from oodforge.data.benchmarks import BENCHMARKS, get_benchmark
 from oodforge.data.imageset import ImageSet
 
 # files each OOD / ID set needs under $OODFORGE_DATA

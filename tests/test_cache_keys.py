@@ -20,15 +20,15 @@ from torch import nn
 from typer.testing import CliRunner
 
 from oodforge.cli import app
-from oodforge.code_identity import code_identity, oodforge_identity
 from oodforge.data.benchmark_file import load_benchmark_file
 from oodforge.data.datasets import image_folder
 from oodforge.data.imageset import ImageSet
 from oodforge.data.manifest import file_digests
 from oodforge.data.overlap import shared_count
-from oodforge.evaluation_store import evaluation_key
-from oodforge.features import OutputCache, model_fingerprint
+from oodforge.evaluation.extraction import OutputCache, model_fingerprint
 from oodforge.models.adapters import wrap_model
+from oodforge.runs.store import evaluation_key
+from oodforge.util.code_identity import code_identity, oodforge_identity
 
 runner = CliRunner()
 

@@ -121,7 +121,7 @@ def test_corrupt_checkpoint_and_unknown_names(tmp_path):
 
 
 def test_bench_summary_of_a_single_method_payload():
-    from oodforge.bench import summarize
+    from oodforge.bench.jobs import summarize
 
     results = [{"method": "sde-seed0", "detector": "msp", "ood_dataset": d, "group": g, "auroc": a, "fpr95": f}
                for d, g, a, f in (("tin", "near", 0.7, 0.9), ("mnist", "far", 0.8, 0.5), ("dtd", "far", 0.9, 0.3))]
@@ -131,7 +131,7 @@ def test_bench_summary_of_a_single_method_payload():
     assert row["id_accuracy_mean"] == 0.9 and row["near_auroc_mean"] == pytest.approx(0.7)
     assert row["far_auroc_mean"] == pytest.approx(0.85) and row["fpr95_mean"] == pytest.approx(np.mean([0.9, 0.5, 0.3]))
     assert row["near_fpr95_mean"] == pytest.approx(0.9) and row["far_fpr95_mean"] == pytest.approx(0.4)
-    from oodforge.bench import summary_markdown
+    from oodforge.bench.jobs import summary_markdown
 
     header, _, line = summary_markdown([row], payload).splitlines()
     assert "near FPR95" in header and "| 90.00 ± 0.00 |" in line

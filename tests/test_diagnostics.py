@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from oodforge.diagnostics import tolerance, uniformity
+from oodforge.evaluation.diagnostics import tolerance, uniformity
 
 # Unnormalized on purpose: they normalize to (1, 0), (0, 1), (-1, 0), whose squared distances are
 # 2, 4, 2, so the mean of exp(-t d^2) over the pairs is (2 e^{-2t} + e^{-4t}) / 3.

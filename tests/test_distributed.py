@@ -17,8 +17,8 @@ from torch import nn
 
 from conftest import has_real
 from oodforge.data.imageset import ImageSet
-from oodforge.distributed import distributed_outputs, shard_range
-from oodforge.features import compute_outputs
+from oodforge.evaluation.distributed import distributed_outputs, shard_range
+from oodforge.evaluation.extraction import compute_outputs
 from oodforge.models.adapters import wrap_model
 
 ROWS = 101  # odd: the shards differ in size, so padding must be dropped

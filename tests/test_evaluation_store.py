@@ -8,10 +8,10 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import needs_mnist_family
-from oodforge import bench as bench_module
+from oodforge.bench import jobs as bench_module
 from oodforge.cli import app
-from oodforge.evaluate import Evaluation
-from oodforge.evaluation_store import EVALUATION_JSON, EVALUATION_SCORES, load_evaluation, save_evaluation
+from oodforge.evaluation.runner import Evaluation
+from oodforge.runs.store import EVALUATION_JSON, EVALUATION_SCORES, load_evaluation, save_evaluation
 
 runner = CliRunner()
 

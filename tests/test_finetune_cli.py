@@ -49,9 +49,9 @@ def test_finetune_with_outliers_then_score(tmp_path):
 @needs_mnist_family
 def test_sde_with_class_mean_centres_starts_from_the_init_models_features(tmp_path):
     from oodforge.data.benchmarks import get_benchmark
-    from oodforge.features import compute_outputs
+    from oodforge.evaluation.extraction import compute_outputs
     from oodforge.scores import normalized_class_means
-    from oodforge.train import TrainConfig, train
+    from oodforge.training.loop import TrainConfig, train
 
     base = train(TrainConfig(epochs=1, train_subset=300, lr=0.05), tmp_path / "base", quiet=True)
     config = TrainConfig(init=str(tmp_path / "base" / "model.ckpt"), loss="sde", epochs=0, train_subset=300,

@@ -11,7 +11,7 @@ from oodforge.cli import app
 from oodforge.data.datasets import load_dataset
 from oodforge.generate.diffusion import load_generator
 from oodforge.generate.sample_chunks import SampleChunks, job_key
-from oodforge.precision import resolve_precision
+from oodforge.util.precision import resolve_precision
 
 runner = CliRunner()
 

@@ -53,13 +53,13 @@ def _in(module: str, part: str) -> bool:
 RULES = [
     ("oodforge.losses", "oodforge.detectors", "losses/ never imports detectors/"),
     ("oodforge.detectors", "oodforge.losses", "detectors/ never imports losses/"),
-    ("oodforge.detectors", "oodforge.train", "detectors/ never imports train.py"),
-    ("oodforge.detectors", "oodforge.cli", "detectors/ never imports the CLI"),
+    ("oodforge.detectors", "oodforge.training.loop", "detectors/ never imports train.py"),
+    ("oodforge.detectors", "oodforge.cli.main", "detectors/ never imports the CLI"),
     ("oodforge.data", "oodforge.models", "data/ knows no networks"),
-    ("oodforge.models", "oodforge.train", "models/ never imports the training loop"),
-    ("oodforge.models", "oodforge.evaluate", "models/ never imports the runner"),
-    ("oodforge.models", "oodforge.bench", "models/ never imports the runner"),
-    ("oodforge.models", "oodforge.cli", "models/ never imports the CLI"),
+    ("oodforge.models", "oodforge.training.loop", "models/ never imports the training loop"),
+    ("oodforge.models", "oodforge.evaluation.runner", "models/ never imports the runner"),
+    ("oodforge.models", "oodforge.bench.jobs", "models/ never imports the runner"),
+    ("oodforge.models", "oodforge.cli.main", "models/ never imports the CLI"),
 ]
 
 
@@ -70,7 +70,7 @@ def test_layer_rule(part: str, forbidden: str, rule: str) -> None:
 
 
 def test_metrics_imports_no_oodforge_module() -> None:
-    assert not [n for n in MODULES["oodforge.metrics"] if n.startswith("oodforge")]
+    assert not [n for n in MODULES["oodforge.evaluation.metrics"] if n.startswith("oodforge")]
 
 
 def test_scores_imports_only_torch() -> None:
@@ -79,8 +79,8 @@ def test_scores_imports_only_torch() -> None:
 
 
 def test_no_library_module_imports_the_cli() -> None:
-    entry_points = {"oodforge.__main__", "oodforge.cli", "oodforge.generate.cli"}
-    offenders = sorted(m for m in MODULES if m not in entry_points and _imports(m, "oodforge.cli"))
+    entry_points = {"oodforge.__main__", "oodforge.cli.main", "oodforge.cli.generate"}
+    offenders = sorted(m for m in MODULES if m not in entry_points and _imports(m, "oodforge.cli.main"))
     assert not offenders
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from oodforge.metrics import accuracy, auroc, fpr_at_tpr, ood_metrics
+from oodforge.evaluation.metrics import accuracy, auroc, fpr_at_tpr, ood_metrics
 
 
 def _sklearn(id_scores, ood_scores):

@@ -10,15 +10,15 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-import oodforge.precision as precision_module
+import oodforge.util.precision as precision_module
 from oodforge.cli import app
 from oodforge.data.imageset import ImageSet
 from oodforge.detectors import create_detector
-from oodforge.evaluate import evaluate_ood, input_scores
-from oodforge.features import OutputCache, extract_outputs, image_loader
+from oodforge.evaluation.extraction import OutputCache, extract_outputs, image_loader
+from oodforge.evaluation.runner import evaluate_ood, input_scores
 from oodforge.models.adapters import wrap_model
-from oodforge.precision import autocast, resolve_precision
-from oodforge.train import TrainConfig
+from oodforge.training.loop import TrainConfig
+from oodforge.util.precision import autocast, resolve_precision
 
 
 def tiny_net() -> nn.Module:

@@ -17,12 +17,12 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from oodforge.bench import load_bench_config
+from oodforge.bench.jobs import load_bench_config
 from oodforge.cli import app
 from oodforge.data.benchmark_file import IMAGENET_MEAN, IMAGENET_STD, load_benchmark_file
 from oodforge.data.datasets import CorruptImageError, load_dataset
 from oodforge.data.streaming import FileImageSet
-from oodforge.io import read_yaml_mapping
+from oodforge.util.atomic import read_yaml_mapping
 
 MODES = ["never", "always"]  # decoded into memory, streamed from disk
 runner = CliRunner()

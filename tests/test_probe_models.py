@@ -17,10 +17,10 @@ from typer.testing import CliRunner
 
 from oodforge.cli import app
 from oodforge.data.benchmarks import get_benchmark
-from oodforge.model_loading import check_model_fits, load_model
 from oodforge.models.adapters import ModelSpecError
 from oodforge.models.classifier import CheckpointError, ModelConfig, build_classifier, load_classifier, read_checkpoint
 from oodforge.models.heads import create_head
+from oodforge.models.loading import check_model_fits, load_model
 
 runner = CliRunner()
 

@@ -17,8 +17,8 @@ from oodforge.detectors import ModelOutputs
 from oodforge.detectors.gen import GEN
 from oodforge.detectors.knn import KNN
 from oodforge.detectors.nnguide import NNGuide
-from oodforge.evaluate import detector_record, parse_detector_spec
-from oodforge.runs import print_results
+from oodforge.evaluation.runner import detector_record, parse_detector_spec
+from oodforge.runs.payload import print_results
 from test_bring_your_own import make_folder
 
 runner = CliRunner()
@@ -108,7 +108,7 @@ def test_good_detector_options_still_parse_as_yaml_values() -> None:
 
 def test_option_value_alias_bomb_is_refused() -> None:
     """Row 5: a short option value whose YAML aliases expand to 100,000 values is refused in one line."""
-    from oodforge.validation import parse_options
+    from oodforge.util.validation import parse_options
 
     bomb = "[&a [1,1,1,1,1,1,1,1,1,1], &b [*a,*a,*a,*a,*a,*a,*a,*a,*a,*a], &c [*b,*b,*b,*b,*b,*b,*b,*b,*b,*b], " \
            "&d [*c,*c,*c,*c,*c,*c,*c,*c,*c,*c], [*d,*d,*d,*d,*d,*d,*d,*d,*d,*d]]"

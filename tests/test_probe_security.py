@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from oodforge.cli import app
 from oodforge.data.datasets import CorruptImageError, image_folder
 from oodforge.models.classifier import ModelConfig, build_classifier, save_classifier
-from oodforge.run_folder import scores_digest
+from oodforge.runs.folder import scores_digest
 
 runner = CliRunner()
 MARKER_ENV = "OODFORGE_TEST_PAYLOAD_MARKER"
@@ -129,7 +129,7 @@ def test_concurrent_writers_to_one_run_folder_leave_one_whole_run(tmp_path) -> N
         import sys
         import numpy as np
         from pathlib import Path
-        from oodforge.runs import save_run
+        from oodforge.runs.payload import save_run
 
         seed = int(sys.argv[1])
         for i in range(15):

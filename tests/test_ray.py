@@ -21,10 +21,10 @@ from typer.testing import CliRunner
 ray = pytest.importorskip("ray")
 
 from conftest import needs_mnist_family  # noqa: E402
-from oodforge.bench import bench_jobs, run_bench  # noqa: E402
+from oodforge.bench.executors import RAY_MISSING, TASK_FILE, check_fits, run_jobs  # noqa: E402
+from oodforge.bench.jobs import bench_jobs, run_bench  # noqa: E402
 from oodforge.cli import app  # noqa: E402
-from oodforge.evaluate import Evaluation  # noqa: E402
-from oodforge.executors import RAY_MISSING, TASK_FILE, check_fits, run_jobs  # noqa: E402
+from oodforge.evaluation.runner import Evaluation  # noqa: E402
 from oodforge.models.classifier import read_checkpoint  # noqa: E402
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
@@ -157,7 +157,7 @@ def test_ray_tasks_get_the_resources_and_wait_for_the_jobs_they_need(tmp_path, l
 
 
 def test_jobs_that_read_an_earlier_run_wait_for_it(tmp_path) -> None:
-    from oodforge.bench import load_bench_config
+    from oodforge.bench.jobs import load_bench_config
 
     jobs = bench_jobs(load_bench_config(_write(tmp_path, TINY)), "fashion_mnist", tmp_path / "out")
     assert {job.method: job.needs for job in jobs}["frozen-seed1"] == ("ce-seed1",)

@@ -170,7 +170,7 @@ def test_yaml_alias_bomb_is_refused_before_anything_runs(tmp_path) -> None:
     assert "alias" in line and str(path) in line and not out.exists()
     small = tmp_path / "ok.yaml"  # a few aliases, as configs use them, are fine
     small.write_text("runs: [{name: a, epochs: &e 0}, {name: b, epochs: *e}]\n")
-    from oodforge.bench import load_bench_config
+    from oodforge.bench.jobs import load_bench_config
 
     assert [r["epochs"] for r in load_bench_config(small)["runs"]] == [0, 0]
 
@@ -187,9 +187,9 @@ def test_unknown_head_or_loss_option_is_one_line(tmp_path) -> None:
 def test_shipped_bench_configs_load_and_every_recipe_validates(tmp_path) -> None:
     from pathlib import Path
 
-    from oodforge.bench import bench_recipes, benchmark_reference, load_bench_config
+    from oodforge.bench.jobs import bench_recipes, benchmark_reference, load_bench_config
     from oodforge.data.benchmarks import get_benchmark
-    from oodforge.evaluate import parse_detector_spec
+    from oodforge.evaluation.runner import parse_detector_spec
 
     configs = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "configs").glob("*.yaml"))
     assert len(configs) >= 10

@@ -30,8 +30,9 @@ from oodforge.data import benchmarks
 from oodforge.data.benchmarks import Benchmark, get_benchmark
 from oodforge.data.datasets import CorruptImageError, DatasetNotFoundError, load_dataset
 from oodforge.data.decoding import decode_pil
-from oodforge.features import OutputCache
-from oodforge.io import (
+from oodforge.evaluation.extraction import OutputCache
+from oodforge.models.classifier import ModelConfig, build_classifier, save_classifier
+from oodforge.util.atomic import (
     WriteError,
     atomic_json,
     atomic_npy,
@@ -40,8 +41,7 @@ from oodforge.io import (
     partial_path,
     remove_stale_temp_files,
 )
-from oodforge.models.classifier import ModelConfig, build_classifier, save_classifier
-from oodforge.validation import check_output_folder
+from oodforge.util.validation import check_output_folder
 
 runner = CliRunner()
 
@@ -347,7 +347,7 @@ def test_stale_temp_files_of_dead_or_old_writers_are_removed_and_live_ones_kept(
 
 
 def test_atomic_write_temp_names_carry_host_and_pid(tmp_path, monkeypatch) -> None:
-    import oodforge.io as io_module
+    import oodforge.util.atomic as io_module
 
     seen = []
     real = io_module.os.replace
@@ -386,7 +386,7 @@ def test_caches_remove_stale_partials_before_writing(tmp_path, cache) -> None:
 
 @needs_fashion
 def test_training_removes_stale_temp_files_of_its_run_folder(tmp_path, cache) -> None:
-    from oodforge.train import TrainConfig, train
+    from oodforge.training.loop import TrainConfig, train
 
     out = tmp_path / "run"
     out.mkdir()
@@ -456,7 +456,7 @@ def test_benchmark_without_missing_ood_raises_when_every_set_is_missing(tmp_path
 
 @needs_mnist_family
 def test_demo_skips_a_missing_ood_set_with_one_warning_line(without_notmnist, tmp_path, monkeypatch) -> None:
-    import oodforge.train as train_module
+    import oodforge.training.loop as train_module
 
     real_train = train_module.train
     monkeypatch.setattr(train_module, "train", lambda config, out, **kw: real_train(

@@ -1,4 +1,4 @@
-"""Tests for the self-contained HTML report (oodforge.report)."""
+"""Tests for the self-contained HTML report (oodforge.runs.report)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from oodforge.report import load_run, write_report
+from oodforge.runs.report import load_run, write_report
 
 ID_DATASET = "cifar10"
 DETECTORS = ("msp", "energy")

@@ -21,9 +21,9 @@ from typer.testing import CliRunner
 from oodforge.cli import app
 from oodforge.data.imageset import ImageSet
 from oodforge.data.synthetic import load_synthetic, write_synthetic
-from oodforge.report import load_run
-from oodforge.run_folder import COMMITTED, STAGING_PREFIX, scores_digest, write_together
-from oodforge.runs import save_run
+from oodforge.runs.folder import COMMITTED, STAGING_PREFIX, scores_digest, write_together
+from oodforge.runs.payload import save_run
+from oodforge.runs.report import load_run
 
 RUN_FILES = ("results.json", "scores.npz", "results.md", "report.html")
 
@@ -72,7 +72,7 @@ def test_kill_before_commit_keeps_every_old_file(tmp_path):
     run_child(f"""
         import time
         from pathlib import Path
-        from oodforge.run_folder import write_together
+        from oodforge.runs.folder import write_together
         def slow(path):  # scores.npz is already staged when this runs
             Path({str(ready)!r}).touch()
             time.sleep(60)
@@ -95,8 +95,8 @@ def test_kill_after_commit_is_finished_by_the_next_reader(tmp_path):
         import os, time
         from pathlib import Path
         import numpy as np
-        import oodforge.run_folder as rf
-        from oodforge.runs import save_run
+        import oodforge.runs.folder as rf
+        from oodforge.runs.payload import save_run
         real_replace, moved = os.replace, []
         def replace_then_stall(src, dst):  # kill after the first file is renamed into the run folder
             real_replace(src, dst)

@@ -11,7 +11,7 @@ import torch
 
 from conftest import needs_fashion, needs_mnist_family
 from oodforge.models.classifier import load_classifier, read_checkpoint
-from oodforge.train import LAST_CHECKPOINT, MODEL_CHECKPOINT, TrainConfig, train
+from oodforge.training.loop import LAST_CHECKPOINT, MODEL_CHECKPOINT, TrainConfig, train
 
 
 def _config(**kw):
@@ -90,7 +90,7 @@ def test_outlier_exposure_and_synthetic_mix_run(tmp_path):
 
 def test_outliers_overlapping_a_test_ood_set_are_refused():
     from oodforge.data.benchmarks import get_benchmark
-    from oodforge.train import check_outlier_source
+    from oodforge.training.loop import check_outlier_source
 
     try:
         check_outlier_source(get_benchmark("fashion_mnist"), "mnist")
@@ -104,7 +104,7 @@ def test_outliers_overlapping_a_test_ood_set_are_refused():
 def test_fine_tuning_into_another_head_keeps_backbone_and_class_weights(tmp_path):
     from oodforge.data.benchmarks import get_benchmark
     from oodforge.models.classifier import ModelConfig, build_classifier, save_classifier
-    from oodforge.train import make_model
+    from oodforge.training.loop import make_model
 
     torch.manual_seed(0)
     base = build_classifier(ModelConfig(backbone="small_cnn", head="linear", mean=(0.2860,), std=(0.3530,)))
@@ -120,7 +120,7 @@ def test_fine_tuning_into_another_head_keeps_backbone_and_class_weights(tmp_path
 
 
 def test_bench_path_fields_expand_variables_out_and_seed(tmp_path, monkeypatch):
-    from oodforge.bench import resolve_paths
+    from oodforge.bench.jobs import resolve_paths
 
     monkeypatch.setenv("WEIGHTS_DIR", "/w")
     options = {"init": "$WEIGHTS_DIR/{seed}.th", "outliers": "synthetic:{out}/interp", "synthetic_id": None,
@@ -132,7 +132,7 @@ def test_bench_path_fields_expand_variables_out_and_seed(tmp_path, monkeypatch):
 
 
 def test_sample_grids_of_synthetic_sets_are_copied_with_a_prefix(tmp_path):
-    from oodforge.train import copy_sample_grids
+    from oodforge.training.loop import copy_sample_grids
 
     for name in ("id", "interp"):
         (tmp_path / name).mkdir()

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 import oodforge
 from oodforge.cli import app
 from oodforge.data.benchmarks import get_benchmark
-from oodforge.evaluate import parse_detector_spec
-from oodforge.features import OutputCache
-from oodforge.tuning import MAX_TRIALS, grid, tune
+from oodforge.evaluation.extraction import OutputCache
+from oodforge.evaluation.runner import parse_detector_spec
+from oodforge.evaluation.tuning import MAX_TRIALS, grid, tune
 from test_bring_your_own import TinyNet, make_folder
 
 DETECTORS = "knn,react,energy,msp"  # msp has no search space
@@ -124,7 +124,7 @@ def test_trials_that_do_not_fit_the_model_are_recorded_not_fatal(folders, monkey
 def test_every_detector_records_validation_auroc_per_set_equal_to_sklearn(folders) -> None:
     from sklearn.metrics import roc_auc_score
 
-    from oodforge.features import compute_outputs
+    from oodforge.evaluation.extraction import compute_outputs
 
     bench = get_benchmark(str(write_benchmark(folders, "vals", {"a": "test_a"})))
     model = oodforge.wrap_model(TinyNet())
@@ -166,7 +166,7 @@ def test_validation_sets_from_the_training_outlier_source_are_left_out(folders) 
 def test_training_outliers_are_read_from_oodforge_checkpoints_only(tmp_path) -> None:
     import torch
 
-    from oodforge.model_loading import training_outliers
+    from oodforge.models.loading import training_outliers
 
     assert training_outliers(None) is None and training_outliers(tmp_path / "missing.ckpt") is None
     (tmp_path / "weights.bin").write_bytes(b"not a torch file")
@@ -182,7 +182,7 @@ def test_training_outliers_are_read_from_oodforge_checkpoints_only(tmp_path) -> 
 
 def test_cifar10_validates_on_photos_disjoint_from_the_outlier_pool() -> None:
     from oodforge.data.datasets import NATURAL_PHOTOS, NATURAL_PHOTOS_A, NATURAL_PHOTOS_B, load_dataset, overlaps
-    from oodforge.tuning import validation_sets_apart
+    from oodforge.evaluation.tuning import validation_sets_apart
 
     assert set(NATURAL_PHOTOS_A).isdisjoint(NATURAL_PHOTOS_B)
     assert set(NATURAL_PHOTOS_A) | set(NATURAL_PHOTOS_B) == set(NATURAL_PHOTOS)
@@ -201,7 +201,7 @@ def test_cifar10_validates_on_photos_disjoint_from_the_outlier_pool() -> None:
 
 
 def test_bench_picks_the_pipeline_on_validation_sets_common_to_all_runs(folders) -> None:
-    from oodforge.bench import best_on_validation
+    from oodforge.bench.jobs import best_on_validation
 
     path = write_benchmark(folders, "pick", {"a": "test_a"})
     config = yaml.safe_load(path.read_text())
@@ -244,7 +244,7 @@ def _payload(run: str, seeds: dict[int, dict[str, float]], sets: list[str]) -> d
 
 
 def test_merged_payloads_are_ranked_on_the_validation_sets_common_to_all() -> None:
-    from oodforge.bench import best_on_validation, merge_payloads, payload_validation_sets, summarize
+    from oodforge.bench.jobs import best_on_validation, merge_payloads, payload_validation_sets, summarize
 
     a = _payload("ce", {0: {"x": 0.6, "y": 0.9}, 1: {"x": 0.8, "y": 0.9}}, ["x", "y"])
     b = _payload("oe", {0: {"x": 0.75}}, ["x"])  # its training outliers' source left y out
@@ -268,7 +268,7 @@ def test_merged_payloads_are_ranked_on_the_validation_sets_common_to_all() -> No
 
 
 def test_a_one_method_results_json_merges_like_a_bench_output() -> None:
-    from oodforge.bench import merge_payloads, methods_of, summarize
+    from oodforge.bench.jobs import merge_payloads, methods_of, summarize
 
     a = _payload("ce", {0: {"x": 0.6}, 1: {"x": 0.8}}, ["x"])
     two = _payload("ce", {2: {"x": 0.7}}, ["x"])

@@ -14,16 +14,16 @@ import importlib
 _API = {
     "wrap_model": "oodforge.models.adapters",
     "build_model": "oodforge.models.adapters",
-    "extract_outputs": "oodforge.features",
-    "evaluate_ood": "oodforge.evaluate",
+    "extract_outputs": "oodforge.evaluation.extraction",
+    "evaluate_ood": "oodforge.evaluation.runner",
     "create_detector": "oodforge.detectors",
     "DETECTORS": "oodforge.detectors",
     "Detector": "oodforge.detectors",
     "ModelOutputs": "oodforge.detectors",
-    "OODResults": "oodforge.results",
+    "OODResults": "oodforge.runs.results",
     "get_benchmark": "oodforge.data.benchmarks",
     "load_dataset": "oodforge.data.datasets",
-    "TrainConfig": "oodforge.train",
+    "TrainConfig": "oodforge.training.loop",
 }
 
 __all__ = sorted(_API)

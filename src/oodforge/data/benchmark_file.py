@@ -22,9 +22,9 @@ import os
 import sys
 from pathlib import Path
 
-from oodforge.data.benchmarks import Benchmark
+from oodforge.data.benchmark import Benchmark
 from oodforge.data.datasets import DATASETS, STREAMING_MODES, locate
-from oodforge.io import read_yaml_mapping
+from oodforge.util.atomic import read_yaml_mapping
 
 KEYS = {"name", "id", "ood", "val", "image_size", "mean", "std", "classes", "channels", "augment", "backbone",
         "streaming", "description"}

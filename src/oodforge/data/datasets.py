@@ -27,8 +27,8 @@ from oodforge.data.decoding import CorruptImageError, archive_error, decode_fitt
 from oodforge.data.imageset import ImageSet
 from oodforge.data.manifest import cache_root
 from oodforge.data.streaming import FileImageSet, unpack_tar
-from oodforge.io import atomic_json, atomic_npy, remove_stale_temp_files
-from oodforge.registry import Registry
+from oodforge.util.atomic import atomic_json, atomic_npy, remove_stale_temp_files
+from oodforge.util.registry import Registry
 
 DATASETS: Registry[ImageSet] = Registry("dataset")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")

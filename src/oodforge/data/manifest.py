@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from oodforge.io import atomic_write
+from oodforge.util.atomic import atomic_write
 
 MANIFEST_FORMAT = 1
 

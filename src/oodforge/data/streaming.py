@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from oodforge.data.decoding import archive_error, decode_fitted
 from oodforge.data.imageset import balanced_index
 from oodforge.data.manifest import file_digests
-from oodforge.io import WriteError
+from oodforge.util.atomic import WriteError
 
 RESIZE_MODES = ("stretch", "shorter_crop")
 

@@ -31,7 +31,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from oodforge.data.imageset import ImageSet
-from oodforge.io import atomic_json, atomic_write, current_umask, process_tag, tag_owner, writer_gone
+from oodforge.util.atomic import atomic_json, atomic_write, current_umask, process_tag, tag_owner, writer_gone
 
 FORMAT = "oodforge-synthetic"
 KINDS = ("id", "interpolated")

@@ -6,40 +6,15 @@ import inspect
 import pickle
 import typing
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from oodforge.registry import Registry
-from oodforge.validation import check_value
-
-
-@dataclass
-class ModelOutputs:
-    """What one forward pass of a classifier gives for a dataset: logits, penultimate features, labels."""
-
-    logits: Tensor  # (N, C)
-    features: Tensor  # (N, D)
-    labels: Tensor | None = None  # (N,), absent for unlabeled OOD sets
-
-    def __len__(self) -> int:
-        return self.logits.shape[0]
-
-    def to(self, device: torch.device | str) -> ModelOutputs:
-        """The same outputs on ``device``."""
-        labels = None if self.labels is None else self.labels.to(device)
-        return ModelOutputs(self.logits.to(device), self.features.to(device), labels)
-
-    @staticmethod
-    def cat(parts: list[ModelOutputs]) -> ModelOutputs:
-        """Concatenate outputs of consecutive batches."""
-        labels = None if parts[0].labels is None else torch.cat([p.labels for p in parts])
-        return ModelOutputs(
-            torch.cat([p.logits for p in parts]), torch.cat([p.features for p in parts]), labels
-        )
+from oodforge.outputs import ModelOutputs, has_interface
+from oodforge.util.registry import Registry
+from oodforge.util.validation import check_value
 
 
 class NotFittedError(RuntimeError):
@@ -120,7 +95,7 @@ class Detector:
     def fit(self, train: ModelOutputs, model: nn.Module | None = None) -> Detector:
         """Learn from ID training outputs (and the model, for detectors that reuse its head)."""
         self.validate()
-        self.model_ = model if model is None or hasattr(model, "head") else _wrapped_if_possible(model)
+        self.model_ = model
         self._fit(train)
         self.fitted_ = True
         return self
@@ -132,7 +107,7 @@ class Detector:
         """Ready to score: ``fit`` when the detector learns, else just remember the model (for its head)."""
         if self.needs_fit:
             return self.fit(train, model)
-        self.model_ = model if model is None or hasattr(model, "head") else _wrapped_if_possible(model)
+        self.model_ = model
         return self
 
     def check_fitted(self) -> None:
@@ -166,7 +141,7 @@ class Detector:
 
     def save(self, path: str | Path) -> Path:
         """Write name, parameters and learned state to ``path`` atomically (loadable with ``weights_only``)."""
-        from oodforge.io import atomic_torch_save
+        from oodforge.util.atomic import atomic_torch_save
 
         self.check_fitted()
         payload = {"format": "oodforge-detector", "detector": self._label(), "params": self.get_params(),
@@ -233,28 +208,18 @@ def create_detector(name: str, **kwargs) -> Detector:
     return detector.validate() if isinstance(detector, Detector) else detector
 
 
-def classifier_view(model: nn.Module) -> nn.Module:
-    """``model`` if it has oodforge's classifier interface (``features_and_logits``, or ``features`` and
-    ``head``), else ``wrap_model(model)``."""
-    if callable(getattr(model, "features_and_logits", None)) or (
-            callable(getattr(model, "features", None)) and isinstance(getattr(model, "head", None), nn.Module)):
+def require_interface(model: nn.Module) -> nn.Module:
+    """``model`` itself when it has oodforge's classifier interface (``features_and_logits``, or ``features`` and
+    ``head``), else a ``TypeError`` saying how to give it one (``oodforge.wrap_model``)."""
+    if has_interface(model):
         return model
-    from oodforge.models.adapters import wrap_model
-
-    return wrap_model(model)
-
-
-def _wrapped_if_possible(model: nn.Module) -> nn.Module:
-    """A plain network's wrapper (so detectors find its final layer as ``.head``), else ``model`` itself."""
-    try:
-        return classifier_view(model)
-    except ValueError:  # no final linear layer: detectors that need one say so themselves
-        return model
+    raise TypeError(f"{type(model).__name__} has no features_and_logits (or features and head); give detectors "
+                    "oodforge.wrap_model(net), which finds its final linear layer")
 
 
 def features_and_logits(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """(penultimate features, logits) of any classifier on a batch, from one forward pass."""
-    model = classifier_view(model)
+    model = require_interface(model)
     if callable(getattr(model, "features_and_logits", None)):
         return model.features_and_logits(x)
     features = model.features(x)

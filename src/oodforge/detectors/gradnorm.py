@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs, classifier_view, features_and_logits
+from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs, features_and_logits, require_interface
 from oodforge.detectors.chunks import CHUNK_ROWS
 
 GRADIENT_ELEMENTS = 1 << 24  # per-sample gradients held at once by the autograd path (samples x weight size)
@@ -41,7 +41,7 @@ class GradNorm(Detector):
             raise ValueError(f"gradnorm: temperature must be > 0, got {self.temperature}")
 
     def score(self, model: nn.Module, x: Tensor) -> Tensor:
-        model = classifier_view(model)
+        model = require_interface(model)
         with torch.no_grad():
             features, _ = features_and_logits(model, x)
         return head_gradient_norms(model.head, features.flatten(1), self.temperature).to(x.device)

@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs, classifier_view
+from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs, require_interface
 from oodforge.scores import energy_score
 
 
@@ -68,7 +68,7 @@ class ODIN(Detector):
             raise ValueError(f"odin: epsilon must be >= 0, got {self.epsilon}")
 
     def score(self, model: nn.Module, x: Tensor) -> Tensor:
-        model = classifier_view(model)
+        model = require_interface(model)
         if self.epsilon == 0:  # no input step: no gradient needed
             with torch.no_grad():
                 return self._scaled_msp(model.logits(x))

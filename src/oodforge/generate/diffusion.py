@@ -29,9 +29,9 @@ from torch import Tensor, nn
 from oodforge.data.imageset import ImageSet
 from oodforge.data.synthetic import SyntheticSet
 from oodforge.generate.sample_chunks import SampleChunks, job_key
-from oodforge.io import atomic_torch_save
 from oodforge.models.classifier import CheckpointError, file_hash, read_checkpoint
-from oodforge.precision import cpu_has_native_bf16
+from oodforge.util.atomic import atomic_torch_save
+from oodforge.util.precision import cpu_has_native_bf16
 
 CHECKPOINT_NAME = "diffusion.ckpt"
 FORMAT = "oodforge-diffusion"

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from oodforge.io import atomic_json, atomic_npy
+from oodforge.util.atomic import atomic_json, atomic_npy
 
 KEY_NAME = "key.json"
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from oodforge.registry import Registry
+from oodforge.util.registry import Registry
 
 
 @dataclass

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from oodforge.models.classifier import CheckpointError, Classifier, read_checkpoint, state_dict_mismatch
+from oodforge.outputs import has_interface
 
 HEAD_CANDIDATES = ("fc", "classifier", "heads.head", "head", "heads")
 SPEC_FORMS = "torchvision:NAME, timm:NAME or module:pkg.mod:factory"
@@ -265,3 +266,9 @@ def load_weights(net: nn.Module, weights: str | Path, spec: str) -> None:
     if problem:
         raise CheckpointError(f"--weights {weights} does not fit --model {spec}: {problem}")
     net.load_state_dict(state, strict=False)
+
+
+def classifier_view(model: nn.Module) -> nn.Module:
+    """``model`` if it has oodforge's classifier interface (``features_and_logits``, or ``features`` and
+    ``head``), else ``wrap_model(model)``."""
+    return model if has_interface(model) else wrap_model(model)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from oodforge.registry import Registry
+from oodforge.util.registry import Registry
 
 BACKBONES: Registry[nn.Module] = Registry("backbone")
 

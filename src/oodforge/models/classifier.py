@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from oodforge.io import atomic_torch_save
 from oodforge.models.backbones import create_backbone
 from oodforge.models.heads import create_head
+from oodforge.util.atomic import atomic_torch_save
 
 
 @dataclass
@@ -157,7 +157,7 @@ def load_classifier(path: str | Path, config: ModelConfig | None = None, source:
 
 
 def load_classifier_from_training(state: dict, path: str | Path) -> Classifier:
-    """The classifier inside a training checkpoint (see ``oodforge.train``)."""
+    """The classifier inside a training checkpoint (see ``oodforge.training.loop``)."""
     model = build_classifier(ModelConfig(**_tuples(state["model_config"])))
     _load_state(model, state["model"], path, str(path))
     return model

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from oodforge.registry import Registry
+from oodforge.util.registry import Registry
 
 HEADS: Registry[nn.Module] = Registry("head")
 

@@ -32,8 +32,8 @@ def train_generator(dataset: str = typer.Option("fashion_mnist", help="Registere
 
     from oodforge.data.datasets import load_dataset
     from oodforge.generate.diffusion import PRESETS, preset_for, resolve_device, train_diffusion
-    from oodforge.precision import check_precision, resolve_precision
-    from oodforge.validation import check_output_folder
+    from oodforge.util.precision import check_precision, resolve_precision
+    from oodforge.util.validation import check_output_folder
 
     check_output_folder(out, "--out")
     check_precision(precision)
@@ -72,14 +72,14 @@ def sample(generator: Path = typer.Option(..., help="A diffusion.ckpt written by
     from oodforge.data.synthetic import write_synthetic
     from oodforge.generate.diffusion import load_generator, sample_id, sample_interpolated
     from oodforge.generate.sample_chunks import chunks_folder
-    from oodforge.validation import check_output_folder
+    from oodforge.util.validation import check_output_folder
 
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
     check_output_folder(out.absolute().parent, "--out (its parent folder)")  # OUT itself is the set, made whole
     if kind not in ("id", "interpolated"):
         raise ValueError(f"--kind must be 'id' or 'interpolated', got {kind!r}")
-    from oodforge.precision import check_precision, resolve_precision
+    from oodforge.util.precision import check_precision, resolve_precision
 
     check_precision(precision)
     model = load_generator(generator, device=device)

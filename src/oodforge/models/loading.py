@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from oodforge.data.benchmarks import Benchmark
+from oodforge.data.benchmark import Benchmark
 from oodforge.models.adapters import ModelSpecError, build_model, one_line_cause, wrap_model
 from oodforge.models.backbones import BACKBONES
 from oodforge.models.classifier import CheckpointError, ModelConfig, load_classifier, read_checkpoint

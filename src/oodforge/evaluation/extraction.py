@@ -25,14 +25,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from oodforge.code_identity import code_identity, oodforge_identity
 from oodforge.data.datasets import cache_root
 from oodforge.data.imageset import ImageSet
 from oodforge.data.streaming import FileImageSet
-from oodforge.detectors.base import ModelOutputs, classifier_view, features_and_logits
-from oodforge.io import partial_path, remove_stale_temp_files
-from oodforge.precision import autocast, resolve_precision
-from oodforge.progress import progress_bar
+from oodforge.detectors.base import features_and_logits
+from oodforge.models.adapters import classifier_view
+from oodforge.outputs import ModelOutputs
+from oodforge.util.atomic import partial_path, remove_stale_temp_files
+from oodforge.util.code_identity import code_identity, oodforge_identity
+from oodforge.util.precision import autocast, resolve_precision
+from oodforge.util.progress import progress_bar
 
 Data = DataLoader | Dataset | Tensor
 
@@ -101,7 +103,7 @@ def extract_outputs(model: nn.Module, data: Data, device: torch.device | str | N
 
     ``model`` is any classifier (wrapped with ``wrap_model`` when it is a plain network); ``data`` a
     DataLoader, a Dataset or a tensor of inputs, with batches ``x`` or ``(x, y)``. ``precision``:
-    ``32-true``, ``bf16-mixed`` (autocast; outputs stay float32) or ``auto`` (``oodforge.precision``).
+    ``32-true``, ``bf16-mixed`` (autocast; outputs stay float32) or ``auto`` (``oodforge.util.precision``).
     """
     model = as_classifier(model)
     device = model_device(model) if device is None else torch.device(device)
@@ -124,7 +126,7 @@ def model_fingerprint(model: nn.Module) -> str:
     Its configuration (or ``describe()``: the input normalization of wrapped nets), its structure
     (``repr``: every layer with its settings), every parameter and buffer (non-persistent ones too),
     each with its name, dtype and shape, and the code of every class it is built from
-    (``oodforge.code_identity``: library versions, or the source of user code).
+    (``oodforge.util.code_identity``: library versions, or the source of user code).
     """
     digest = hashlib.sha256()
     config = getattr(model, "config", None)

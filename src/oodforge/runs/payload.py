@@ -12,9 +12,9 @@ from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
-from oodforge.data.benchmarks import Benchmark
-from oodforge.evaluate import Evaluation, mean_auroc
-from oodforge.run_folder import scores_digest, write_together
+from oodforge.data.benchmark import Benchmark
+from oodforge.evaluation.runner import Evaluation, mean_auroc
+from oodforge.runs.folder import scores_digest, write_together
 
 
 def model_summary(model: nn.Module, evaluation: Evaluation, checkpoint: str | None = None) -> dict:
@@ -81,12 +81,12 @@ def methods_of(payload: dict) -> dict[str, dict]:
 def save_run(out_dir: Path, payload: dict, scores: dict[str, np.ndarray], report: bool = True,
              extra: dict[str, str] | None = None) -> None:
     """Write results.json, scores.npz, results.md, (by default) report.html and ``extra`` text files
-    (name -> content) so that they change together (``oodforge.run_folder``)."""
+    (name -> content) so that they change together (``oodforge.runs.folder``)."""
     payload = {**payload, "scores_sha256": scores_digest(scores)}
     texts = {"results.json": json.dumps(payload, indent=2) + "\n", "results.md": results_markdown(payload),
              **(extra or {})}
     if report:
-        from oodforge.report import report_html
+        from oodforge.runs.report import report_html
 
         texts["report.html"] = report_html(payload, scores, out_dir)
 

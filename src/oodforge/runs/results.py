@@ -49,7 +49,7 @@ class OODResults:
 
     def write(self, out: str | Path) -> Path:
         """Write results.json, scores.npz and report.html into ``out``."""
-        from oodforge.runs import save_run
+        from oodforge.runs.payload import save_run
 
         save_run(Path(out), self.payload, self.scores)
         return Path(out)
@@ -57,7 +57,7 @@ class OODResults:
     def __repr__(self) -> str:
         from rich.console import Console
 
-        from oodforge.runs import print_results
+        from oodforge.runs.payload import print_results
 
         buffer = io.StringIO()
         print_results(self.payload, Console(file=buffer, width=160, color_system=None))

@@ -23,11 +23,9 @@ from oodforge.data.benchmarks import Benchmark, adapt, get_benchmark
 from oodforge.data.datasets import load_dataset, overlaps
 from oodforge.data.imageset import ImageSet
 from oodforge.data.sampling import MixedBatchSampler
-from oodforge.features import OutputCache, loader_workers
-from oodforge.io import atomic_json, atomic_torch_save, remove_stale_temp_files
+from oodforge.evaluation.extraction import OutputCache, loader_workers
 from oodforge.losses import LOSSES, LossInputs, create_loss
 from oodforge.losses.outlier_exposure import uniform_cross_entropy
-from oodforge.model_loading import check_model_fits
 from oodforge.models.classifier import (
     CheckpointError,
     Classifier,
@@ -39,9 +37,11 @@ from oodforge.models.classifier import (
     save_classifier,
 )
 from oodforge.models.heads import HEADS
-from oodforge.precision import FABRIC_PRECISIONS, resolve_precision
-from oodforge.progress import progress_bar
-from oodforge.validation import check_value
+from oodforge.models.loading import check_model_fits
+from oodforge.util.atomic import atomic_json, atomic_torch_save, remove_stale_temp_files
+from oodforge.util.precision import FABRIC_PRECISIONS, resolve_precision
+from oodforge.util.progress import progress_bar
+from oodforge.util.validation import check_value
 
 LAST_CHECKPOINT = "last.ckpt"
 MODEL_CHECKPOINT = "model.ckpt"
@@ -74,7 +74,7 @@ class TrainConfig:
     devices: int | str = 1
     num_nodes: int = 1
     strategy: str = "auto"
-    precision: str = "auto"  # auto: bf16-mixed where the hardware runs bf16 natively (oodforge.precision)
+    precision: str = "auto"  # auto: bf16-mixed where the hardware runs bf16 natively (oodforge.util.precision)
 
     def validate(self) -> TrainConfig:
         """Check every field's type and range at the door; one ValueError naming the field and value."""

@@ -63,7 +63,7 @@ def _one_line_warnings(show: Callable) -> Callable:
 
 def _options(pairs: list[str] | None, what: str) -> dict:
     """``["key=value", ...]`` -> dict with YAML-parsed values (``parse_options``)."""
-    from oodforge.validation import parse_options
+    from oodforge.util.validation import parse_options
 
     return parse_options(pairs or [], what)
 
@@ -80,9 +80,9 @@ def _evaluate_and_save(model, benchmark, detectors: str, out: Path, train_info: 
                        batch_size: int, quiet: bool, cache: bool, method: str | None = None,
                        detector_dir: Path | None = None, train_subset: int | None = None,
                        tune: bool = False, precision: str = "auto", outliers: str | None = None) -> dict:
-    from oodforge.evaluate import evaluate, load_fitted_detectors, parse_detector_spec
-    from oodforge.features import OutputCache, default_device
-    from oodforge.runs import print_results, run_payload, save_run
+    from oodforge.evaluation.extraction import OutputCache, default_device
+    from oodforge.evaluation.runner import evaluate, load_fitted_detectors, parse_detector_spec
+    from oodforge.runs.payload import print_results, run_payload, save_run
 
     spec = parse_detector_spec(detectors)
     fitted = load_fitted_detectors(detector_dir, spec) if detector_dir else {}
@@ -117,10 +117,10 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="Output folder."),
          quiet: bool = typer.Option(False, "--quiet", help="No progress bars.")) -> None:
     """Train the small CNN on Fashion-MNIST, then score every detector on every OOD set."""
     from oodforge.data.benchmarks import get_benchmark
-    from oodforge.precision import check_precision
-    from oodforge.train import MODEL_CHECKPOINT, TrainConfig
-    from oodforge.train import train as run_training
-    from oodforge.validation import check_output_folder
+    from oodforge.training.loop import MODEL_CHECKPOINT, TrainConfig
+    from oodforge.training.loop import train as run_training
+    from oodforge.util.precision import check_precision
+    from oodforge.util.validation import check_output_folder
 
     check_output_folder(out, "--out")
     check_precision(precision)
@@ -160,11 +160,11 @@ def train(benchmark: str = typer.Option("fashion_mnist", help="Benchmark whose I
           quiet: bool = typer.Option(False, "--quiet")) -> None:
     """Train a classifier (any backbone, head, loss, data mix), then score it on its benchmark."""
     from oodforge.data.benchmarks import get_benchmark
-    from oodforge.evaluate import parse_detector_spec
-    from oodforge.precision import PRECISIONS
-    from oodforge.train import MODEL_CHECKPOINT, TrainConfig, make_fabric, with_recipe_detectors
-    from oodforge.train import train as run_training
-    from oodforge.validation import check_output_folder
+    from oodforge.evaluation.runner import parse_detector_spec
+    from oodforge.training.loop import MODEL_CHECKPOINT, TrainConfig, make_fabric, with_recipe_detectors
+    from oodforge.training.loop import train as run_training
+    from oodforge.util.precision import PRECISIONS
+    from oodforge.util.validation import check_output_folder
 
     check_output_folder(out, "--out")
     config = TrainConfig(benchmark=benchmark, backbone=backbone, head=head,
@@ -183,8 +183,8 @@ def train(benchmark: str = typer.Option("fashion_mnist", help="Benchmark whose I
     model = run_training(config, out, resume=resume, quiet=quiet, fabric=fabric)
     scoring = precision if precision in PRECISIONS else "32-true"  # e.g. 16-mixed trains; scoring is float32
     if fabric.world_size > 1:  # every process extracts a shard of each set into rank 0's output cache
-        from oodforge.distributed import prefill_benchmark
-        from oodforge.features import OutputCache
+        from oodforge.evaluation.distributed import prefill_benchmark
+        from oodforge.evaluation.extraction import OutputCache
 
         prefill_benchmark(fabric, model, bench, OutputCache(), train_subset, scoring)
     if not fabric.is_global_zero:
@@ -213,10 +213,10 @@ def score(benchmark: str = typer.Option(..., help="Benchmark: a registered name 
           quiet: bool = typer.Option(False, "--quiet")) -> None:
     """Score a trained or pretrained classifier with post-hoc detectors on a benchmark."""
     from oodforge.data.benchmarks import get_benchmark
-    from oodforge.evaluate import parse_detector_spec
-    from oodforge.model_loading import load_model, training_outliers
-    from oodforge.precision import check_precision
-    from oodforge.validation import check_output_folder
+    from oodforge.evaluation.runner import parse_detector_spec
+    from oodforge.models.loading import load_model, training_outliers
+    from oodforge.util.precision import check_precision
+    from oodforge.util.validation import check_output_folder
 
     check_output_folder(out, "--out")
     check_precision(precision)
@@ -247,8 +247,8 @@ def bench(config: Path = typer.Argument(..., help="YAML file: benchmark, detecto
                                                       "one seed per session; a later full call combines them)."),
           quiet: bool = typer.Option(False, "--quiet")) -> None:
     """Train and score several recipes (and seeds) from a config file into one results.json + report."""
-    from oodforge.bench import run_bench
-    from oodforge.validation import check_output_folder
+    from oodforge.bench.jobs import run_bench
+    from oodforge.util.validation import check_output_folder
 
     check_output_folder(out, "--out")
     run_bench(config, out, quiet=quiet, only=runs.split(",") if runs else None, executor=executor, address=address,
@@ -259,13 +259,13 @@ def bench(config: Path = typer.Argument(..., help="YAML file: benchmark, detecto
 @_fail_cleanly
 def report(run_dir: Path = typer.Argument(..., help="Folder with results.json and scores.npz.")) -> None:
     """Write RUN_DIR/report.html: results table, ROC curves, score histograms."""
-    from oodforge.report import write_report
+    from oodforge.runs.report import write_report
 
     console.print(f"wrote {write_report(run_dir)}")
 
 
 def _register_generate() -> None:
-    from oodforge.generate.cli import generate_app
+    from oodforge.cli.generate import generate_app
 
     for command in generate_app.registered_commands:
         command.callback = _fail_cleanly(command.callback)

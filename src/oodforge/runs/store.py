@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from oodforge.code_identity import oodforge_identity
-from oodforge.data.benchmarks import Benchmark
-from oodforge.evaluate import Evaluation, evaluated_sets
-from oodforge.features import model_fingerprint
-from oodforge.run_folder import finish_pending, scores_digest, write_together
+from oodforge.data.benchmark import Benchmark
+from oodforge.evaluation.extraction import model_fingerprint
+from oodforge.evaluation.runner import Evaluation, evaluated_sets
+from oodforge.runs.folder import finish_pending, scores_digest, write_together
+from oodforge.util.code_identity import oodforge_identity
 
 EVALUATION_FORMAT = 2  # raised when the way oodforge scores changes (2: heads run in float32 under bf16)
 EVALUATION_JSON = "evaluation.json"

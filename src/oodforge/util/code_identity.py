@@ -37,7 +37,7 @@ def code_identity(classes: set[type]) -> dict[str, str]:
 
 def oodforge_identity() -> str:
     """oodforge's version when installed from a wheel, else its version plus a digest of its source."""
-    return next(iter(module_identity("oodforge.code_identity").values()))
+    return next(iter(module_identity("oodforge.util.code_identity").values()))
 
 
 def module_identity(name: str, cls: type | None = None) -> dict[str, str]:

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from oodforge.data.benchmarks import VAL_HOLDOUT, VAL_HOLDOUT_SHARE, Benchmark, Images
+from oodforge.data.benchmark import VAL_HOLDOUT, VAL_HOLDOUT_SHARE, Benchmark, Images
 from oodforge.data.datasets import overlaps
 from oodforge.detectors import Detector, ModelOutputs
-from oodforge.evaluate import build_detector, input_scores
-from oodforge.features import OutputCache, image_loader
-from oodforge.metrics import ood_metrics
-from oodforge.progress import progress_bar
+from oodforge.evaluation.extraction import OutputCache, image_loader
+from oodforge.evaluation.metrics import ood_metrics
+from oodforge.evaluation.runner import build_detector, input_scores
+from oodforge.util.progress import progress_bar
 
 MAX_TRIALS = 64  # a search space larger than this is cut to its first MAX_TRIALS combinations
 

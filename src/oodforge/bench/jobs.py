@@ -24,15 +24,15 @@ import numpy as np
 from rich.console import Console
 from torch import nn
 
+from oodforge.bench.executors import check_executor, check_resources, run_jobs
 from oodforge.data.benchmarks import Benchmark, get_benchmark
-from oodforge.evaluate import Evaluation, evaluate, parse_detector_spec
-from oodforge.evaluation_store import EVALUATION_JSON, evaluation_key, load_evaluation, save_evaluation
-from oodforge.executors import check_executor, check_resources, run_jobs
-from oodforge.features import OutputCache, default_device
-from oodforge.io import read_yaml_mapping
-from oodforge.precision import resolve_precision
-from oodforge.runs import methods_of, print_results, run_payload, save_run
-from oodforge.train import MODEL_CHECKPOINT, TrainConfig, copy_sample_grids, train, with_recipe_detectors
+from oodforge.evaluation.extraction import OutputCache, default_device
+from oodforge.evaluation.runner import Evaluation, evaluate, parse_detector_spec
+from oodforge.runs.payload import methods_of, print_results, run_payload, save_run
+from oodforge.runs.store import EVALUATION_JSON, evaluation_key, load_evaluation, save_evaluation
+from oodforge.training.loop import MODEL_CHECKPOINT, TrainConfig, copy_sample_grids, train, with_recipe_detectors
+from oodforge.util.atomic import read_yaml_mapping
+from oodforge.util.precision import resolve_precision
 
 CONFIG_KEYS = {"benchmark", "detectors", "seeds", "defaults", "runs", "description", "tune", "resources"}
 PATH_KEYS = ("init", "outliers", "synthetic_id")
@@ -145,7 +145,7 @@ def bench_jobs(config: dict, reference: str, out: Path, rescore: bool = False) -
 def run_job(job: BenchJob, benchmark: Benchmark, quiet: bool = False) -> tuple[nn.Module, Evaluation, dict, str]:
     """Train (resuming from ``run_dir/last.ckpt``) and score one job: its ``run_payload`` entry. The evaluation
     is stored in the run folder and reused while the model and the way it is scored stay the same
-    (``oodforge.evaluation_store``), unless ``job.rescore``."""
+    (``oodforge.runs.store``), unless ``job.rescore``."""
     tic = time.perf_counter()
     model = train(job.recipe, job.run_dir, resume=True, quiet=quiet)
     train_s = time.perf_counter() - tic
@@ -194,7 +194,7 @@ def run_bench(config_path: Path, out: Path, quiet: bool = False, only: list[str]
     Finished runs are not trained again and finished evaluations are not redone (``rescore`` redoes them),
     so running the parts of a config separately (``only``, ``seeds``) and then the whole config is cheap and
     gives one table.
-    ``executor="ray"`` runs each run x seed as a Ray task (``oodforge.executors``), on the cluster at
+    ``executor="ray"`` runs each run x seed as a Ray task (``oodforge.bench.executors``), on the cluster at
     ``address`` or on a local Ray instance; the files written are the same as with ``"local"``.
     """
     check_executor(executor, address)

@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from oodforge.data.benchmarks import Benchmark
+from oodforge.data.benchmark import Benchmark
 from oodforge.data.overlap import warn_shared
 from oodforge.detectors import DETECTORS, Detector, ModelOutputs, create_detector
 from oodforge.detectors.base import registered_name
-from oodforge.diagnostics import tolerance, uniformity
-from oodforge.features import (
+from oodforge.evaluation.diagnostics import tolerance, uniformity
+from oodforge.evaluation.extraction import (
     Data,
     Images,
     OutputCache,
@@ -29,11 +29,11 @@ from oodforge.features import (
     model_device,
     split_batch,
 )
-from oodforge.metrics import accuracy, ood_metrics
-from oodforge.precision import autocast, resolve_precision
-from oodforge.progress import progress_bar
-from oodforge.results import OODResults
-from oodforge.validation import parse_options
+from oodforge.evaluation.metrics import accuracy, ood_metrics
+from oodforge.runs.results import OODResults
+from oodforge.util.precision import autocast, resolve_precision
+from oodforge.util.progress import progress_bar
+from oodforge.util.validation import parse_options
 
 
 def parse_detector_spec(spec: str) -> dict[str, dict]:
@@ -145,19 +145,19 @@ def evaluate(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, 
     Detectors in ``fitted`` (e.g. a flow reloaded from an earlier run) are used as they are; the
     others fit on the ID training set (``train_subset`` class-balanced images if given, as in training).
     With ``tune``, each tunable detector's parameters are first chosen on the benchmark's validation
-    data (``oodforge.tuning``; no test set is loaded until then) and scored as ``<label>[tuned]``
+    data (``oodforge.evaluation.tuning``; no test set is loaded until then) and scored as ``<label>[tuned]``
     beside its defaults; every detector then fits on the training split minus the ID validation images.
     ``outliers``: the dataset spec the model was trained against as outliers; validation sets from that
     source are left out of tuning.
     The network runs under ``precision`` (``auto``: bf16 autocast where the hardware has it natively;
-    ``oodforge.precision``); outputs, detectors and metrics stay float32.
+    ``oodforge.util.precision``); outputs, detectors and metrics stay float32.
     """
     precision = resolve_precision(precision, device)
     cache = cache or OutputCache()
     model = as_classifier(model).to(device).eval()
     tuning = None
     if tune:
-        from oodforge.tuning import tune as tune_detectors
+        from oodforge.evaluation.tuning import tune as tune_detectors
 
         tuning = tune_detectors(model, benchmark, detectors, cache=cache, device=device, batch_size=batch_size,
                                 quiet=quiet, root=root, precision=precision, outliers=outliers)
@@ -329,10 +329,10 @@ def evaluate_ood(model: torch.nn.Module, id_train: Data | None, id_test: Data, o
     ``ood`` maps a name to data or to ``(data, "near" | "far")`` (plain data counts as far); data are
     DataLoaders, Datasets or tensors with batches ``x`` or ``(x, y)``. With ``out``, the usual run
     folder (results.json, scores.npz, report.html) is written there. ``precision="auto"`` runs the network
-    under bf16 autocast where the hardware has it natively (``oodforge.precision``).
+    under bf16 autocast where the hardware has it natively (``oodforge.util.precision``).
     """
-    from oodforge.data.benchmarks import Benchmark
-    from oodforge.runs import run_payload, save_run
+    from oodforge.data.benchmark import Benchmark
+    from oodforge.runs.payload import run_payload, save_run
 
     spec = detector_options(detectors)
     model = as_classifier(model)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from oodforge.io import expanded_size
+from oodforge.util.atomic import expanded_size
 
 SIMPLE_TYPES = (bool, int, float, str, dict, list)
 MAX_OPTION_VALUES = 10_000  # an option value whose YAML aliases expand to more values than this is refused

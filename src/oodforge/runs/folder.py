@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from oodforge.io import WriteError, process_tag, tag_owner, write_failure, writer_gone
+from oodforge.util.atomic import WriteError, process_tag, tag_owner, write_failure, writer_gone
 
 STAGING_PREFIX = ".staging-"
 COMMITTED = "COMMITTED"

@@ -20,9 +20,9 @@ from typing import Any, Protocol
 
 import torch
 
-from oodforge.evaluate import Evaluation
-from oodforge.io import atomic_json
-from oodforge.progress import progress_bar
+from oodforge.evaluation.runner import Evaluation
+from oodforge.util.atomic import atomic_json
+from oodforge.util.progress import progress_bar
 
 EXECUTORS = ("local", "ray")
 RAY_MISSING = "--executor ray needs Ray: pip install -e '.[ray]'"
@@ -33,7 +33,7 @@ POLL_S = 0.5  # how often the progress lines are refreshed while no task finishe
 
 
 class Job(Protocol):
-    """What an executor reads of a job (``oodforge.bench.BenchJob``)."""
+    """What an executor reads of a job (``oodforge.bench.jobs.BenchJob``)."""
 
     method: str
     needs: tuple[str, ...]  # methods that must finish first
