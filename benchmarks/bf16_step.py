@@ -9,7 +9,8 @@ import time
 import torch
 
 from oodforge.data.benchmarks import get_benchmark
-from oodforge.training.loop import TrainConfig, make_model
+from oodforge.training.config import TrainConfig
+from oodforge.training.loop import make_model
 
 torch.manual_seed(0)
 cfg = TrainConfig(benchmark="cifar10")

@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 
 from oodforge.data.benchmarks import get_benchmark
-from oodforge.evaluation.extraction import OutputCache, compute_outputs
-from oodforge.evaluation.runner import evaluate, parse_detector_spec
+from oodforge.evaluation.cache import OutputCache
+from oodforge.evaluation.extraction import compute_outputs
+from oodforge.evaluation.runner import evaluate
+from oodforge.evaluation.specs import parse_detector_spec
 from oodforge.models.classifier import ModelConfig, load_classifier
 from oodforge.training.loop import pretrained_config
 

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 
 from oodforge.data.benchmarks import get_benchmark  # noqa: E402
 from oodforge.detectors import create_detector  # noqa: E402
-from oodforge.evaluation.extraction import OutputCache  # noqa: E402
+from oodforge.evaluation.cache import OutputCache  # noqa: E402
 from oodforge.evaluation.metrics import ood_metrics  # noqa: E402
 from oodforge.models.classifier import ModelConfig, load_classifier  # noqa: E402
 from oodforge.training.loop import pretrained_config  # noqa: E402

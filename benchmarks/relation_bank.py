@@ -19,7 +19,7 @@ import torch
 
 from oodforge.data.benchmarks import get_benchmark
 from oodforge.detectors.relation import Relation
-from oodforge.evaluation.extraction import OutputCache
+from oodforge.evaluation.cache import OutputCache
 from oodforge.evaluation.metrics import ood_metrics
 from oodforge.models.classifier import ModelConfig, load_classifier
 from oodforge.training.loop import pretrained_config

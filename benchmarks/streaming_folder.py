@@ -110,7 +110,8 @@ def throughput(workdir: Path, image_size: int, batch_size: int, repeats: int) ->
 
     import oodforge
     from oodforge.data.datasets import load_dataset
-    from oodforge.evaluation.extraction import OutputCache, loader_workers
+    from oodforge.evaluation.cache import OutputCache
+    from oodforge.evaluation.extraction import loader_workers
 
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     net = torchvision.models.resnet18(num_classes=10).eval()

@@ -26,7 +26,8 @@ from oodforge.data.benchmarks import get_benchmark
 from oodforge.data.datasets import load_dataset
 from oodforge.data.streaming import FileImageSet
 from oodforge.detectors.logits import MSP
-from oodforge.evaluation.extraction import OutputCache, compute_outputs, extract_outputs
+from oodforge.evaluation.cache import OutputCache
+from oodforge.evaluation.extraction import compute_outputs, extract_outputs
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

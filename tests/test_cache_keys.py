@@ -25,7 +25,7 @@ from oodforge.data.datasets import image_folder
 from oodforge.data.imageset import ImageSet
 from oodforge.data.manifest import file_digests
 from oodforge.data.overlap import shared_count
-from oodforge.evaluation.extraction import OutputCache, model_fingerprint
+from oodforge.evaluation.cache import OutputCache, model_fingerprint
 from oodforge.models.adapters import wrap_model
 from oodforge.runs.store import evaluation_key
 from oodforge.util.code_identity import code_identity, oodforge_identity

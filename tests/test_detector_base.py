@@ -15,7 +15,7 @@ import oodforge
 from oodforge.cli import app
 from oodforge.detectors import DETECTORS, Detector, create_detector
 from oodforge.evaluation.extraction import extract_outputs
-from oodforge.evaluation.runner import parse_detector_spec
+from oodforge.evaluation.specs import parse_detector_spec
 
 
 class Net(nn.Module):
@@ -120,7 +120,7 @@ def test_variants_get_distinct_rows_and_parameters_in_results(tmp_path) -> None:
 
 
 def test_recipe_adds_its_own_scores() -> None:
-    from oodforge.training.loop import TrainConfig, with_recipe_detectors
+    from oodforge.training.config import TrainConfig, with_recipe_detectors
 
     assert with_recipe_detectors("msp", TrainConfig(head="arcface")) == "msp,cosine"
     assert with_recipe_detectors("msp", TrainConfig(loss="sde")) == "msp,semantic_energy,representation"

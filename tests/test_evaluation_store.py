@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from conftest import needs_mnist_family
 from oodforge.bench import jobs as bench_module
 from oodforge.cli import app
-from oodforge.evaluation.runner import Evaluation
+from oodforge.evaluation.result import Evaluation
 from oodforge.runs.store import EVALUATION_JSON, EVALUATION_SCORES, load_evaluation, save_evaluation
 
 runner = CliRunner()

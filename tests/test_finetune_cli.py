@@ -51,7 +51,8 @@ def test_sde_with_class_mean_centres_starts_from_the_init_models_features(tmp_pa
     from oodforge.data.benchmarks import get_benchmark
     from oodforge.evaluation.extraction import compute_outputs
     from oodforge.scores import normalized_class_means
-    from oodforge.training.loop import TrainConfig, train
+    from oodforge.training.config import TrainConfig
+    from oodforge.training.loop import train
 
     base = train(TrainConfig(epochs=1, train_subset=300, lr=0.05), tmp_path / "base", quiet=True)
     config = TrainConfig(init=str(tmp_path / "base" / "model.ckpt"), loss="sde", epochs=0, train_subset=300,

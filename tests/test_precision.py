@@ -14,10 +14,12 @@ import oodforge.util.precision as precision_module
 from oodforge.cli import app
 from oodforge.data.imageset import ImageSet
 from oodforge.detectors import create_detector
-from oodforge.evaluation.extraction import OutputCache, extract_outputs, image_loader
-from oodforge.evaluation.runner import evaluate_ood, input_scores
+from oodforge.evaluation.cache import OutputCache
+from oodforge.evaluation.extraction import extract_outputs, image_loader
+from oodforge.evaluation.scoring import input_scores
 from oodforge.models.adapters import wrap_model
-from oodforge.training.loop import TrainConfig
+from oodforge.runs.pipeline import evaluate_ood
+from oodforge.training.config import TrainConfig
 from oodforge.util.precision import autocast, resolve_precision
 
 

@@ -17,7 +17,7 @@ from oodforge.detectors import ModelOutputs
 from oodforge.detectors.gen import GEN
 from oodforge.detectors.knn import KNN
 from oodforge.detectors.nnguide import NNGuide
-from oodforge.evaluation.runner import detector_record, parse_detector_spec
+from oodforge.evaluation.specs import detector_record, parse_detector_spec
 from oodforge.runs.payload import print_results
 from test_bring_your_own import make_folder
 

@@ -24,7 +24,7 @@ from conftest import needs_mnist_family  # noqa: E402
 from oodforge.bench.executors import RAY_MISSING, TASK_FILE, check_fits, run_jobs  # noqa: E402
 from oodforge.bench.jobs import bench_jobs, run_bench  # noqa: E402
 from oodforge.cli import app  # noqa: E402
-from oodforge.evaluation.runner import Evaluation  # noqa: E402
+from oodforge.evaluation.result import Evaluation  # noqa: E402
 from oodforge.models.classifier import read_checkpoint  # noqa: E402
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module

@@ -189,7 +189,7 @@ def test_shipped_bench_configs_load_and_every_recipe_validates(tmp_path) -> None
 
     from oodforge.bench.jobs import bench_recipes, benchmark_reference, load_bench_config
     from oodforge.data.benchmarks import get_benchmark
-    from oodforge.evaluation.runner import parse_detector_spec
+    from oodforge.evaluation.specs import parse_detector_spec
 
     configs = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "configs").glob("*.yaml"))
     assert len(configs) >= 10

@@ -30,7 +30,7 @@ from oodforge.data import benchmarks
 from oodforge.data.benchmarks import Benchmark, get_benchmark
 from oodforge.data.datasets import CorruptImageError, DatasetNotFoundError, load_dataset
 from oodforge.data.decoding import decode_pil
-from oodforge.evaluation.extraction import OutputCache
+from oodforge.evaluation.cache import OutputCache
 from oodforge.models.classifier import ModelConfig, build_classifier, save_classifier
 from oodforge.util.atomic import (
     WriteError,
@@ -386,7 +386,8 @@ def test_caches_remove_stale_partials_before_writing(tmp_path, cache) -> None:
 
 @needs_fashion
 def test_training_removes_stale_temp_files_of_its_run_folder(tmp_path, cache) -> None:
-    from oodforge.training.loop import TrainConfig, train
+    from oodforge.training.config import TrainConfig
+    from oodforge.training.loop import train
 
     out = tmp_path / "run"
     out.mkdir()

@@ -11,7 +11,8 @@ import torch
 
 from conftest import needs_fashion, needs_mnist_family
 from oodforge.models.classifier import load_classifier, read_checkpoint
-from oodforge.training.loop import LAST_CHECKPOINT, MODEL_CHECKPOINT, TrainConfig, train
+from oodforge.training.config import LAST_CHECKPOINT, MODEL_CHECKPOINT, TrainConfig
+from oodforge.training.loop import train
 
 
 def _config(**kw):

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 import oodforge
 from oodforge.cli import app
 from oodforge.data.benchmarks import get_benchmark
-from oodforge.evaluation.extraction import OutputCache
-from oodforge.evaluation.runner import parse_detector_spec
+from oodforge.evaluation.cache import OutputCache
+from oodforge.evaluation.specs import parse_detector_spec
 from oodforge.evaluation.tuning import MAX_TRIALS, grid, tune
 from test_bring_your_own import TinyNet, make_folder
 

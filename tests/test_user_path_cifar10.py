@@ -90,7 +90,8 @@ def compare(detectors: str, folder: Path) -> list[dict]:
     """Per (detector, OOD set): AUROC through the user's path and through ``oodforge score``."""
     import oodforge
     from oodforge.cli import app
-    from oodforge.evaluation.runner import evaluate, parse_detector_spec
+    from oodforge.evaluation.runner import evaluate
+    from oodforge.evaluation.specs import parse_detector_spec
 
     root = real_root("cifar10-jpeg.tar.gz", "tiny-imagenet-200-val.tar.gz", "dtd-subset-128.tar.gz", "MNIST",
                      "weights")

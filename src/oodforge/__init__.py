@@ -15,7 +15,7 @@ _API = {
     "wrap_model": "oodforge.models.adapters",
     "build_model": "oodforge.models.adapters",
     "extract_outputs": "oodforge.evaluation.extraction",
-    "evaluate_ood": "oodforge.evaluation.runner",
+    "evaluate_ood": "oodforge.runs.pipeline",
     "create_detector": "oodforge.detectors",
     "DETECTORS": "oodforge.detectors",
     "Detector": "oodforge.detectors",
@@ -23,7 +23,7 @@ _API = {
     "OODResults": "oodforge.runs.results",
     "get_benchmark": "oodforge.data.benchmarks",
     "load_dataset": "oodforge.data.datasets",
-    "TrainConfig": "oodforge.training.loop",
+    "TrainConfig": "oodforge.training.config",
 }
 
 __all__ = sorted(_API)

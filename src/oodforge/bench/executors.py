@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
-from oodforge.evaluation.runner import Evaluation
+from oodforge.evaluation.result import Evaluation
 from oodforge.util.atomic import atomic_json
 from oodforge.util.progress import progress_bar
 

@@ -26,11 +26,15 @@ from torch import nn
 
 from oodforge.bench.executors import check_executor, check_resources, run_jobs
 from oodforge.data.benchmarks import Benchmark, get_benchmark
-from oodforge.evaluation.extraction import OutputCache, default_device
-from oodforge.evaluation.runner import Evaluation, evaluate, parse_detector_spec
+from oodforge.evaluation.cache import OutputCache
+from oodforge.evaluation.extraction import default_device
+from oodforge.evaluation.result import Evaluation
+from oodforge.evaluation.runner import evaluate
+from oodforge.evaluation.specs import parse_detector_spec
 from oodforge.runs.payload import methods_of, print_results, run_payload, save_run
 from oodforge.runs.store import EVALUATION_JSON, evaluation_key, load_evaluation, save_evaluation
-from oodforge.training.loop import MODEL_CHECKPOINT, TrainConfig, copy_sample_grids, train, with_recipe_detectors
+from oodforge.training.config import MODEL_CHECKPOINT, TrainConfig, with_recipe_detectors
+from oodforge.training.loop import copy_sample_grids, train
 from oodforge.util.atomic import read_yaml_mapping
 from oodforge.util.precision import resolve_precision
 

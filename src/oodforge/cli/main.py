@@ -80,8 +80,10 @@ def _evaluate_and_save(model, benchmark, detectors: str, out: Path, train_info: 
                        batch_size: int, quiet: bool, cache: bool, method: str | None = None,
                        detector_dir: Path | None = None, train_subset: int | None = None,
                        tune: bool = False, precision: str = "auto", outliers: str | None = None) -> dict:
-    from oodforge.evaluation.extraction import OutputCache, default_device
-    from oodforge.evaluation.runner import evaluate, load_fitted_detectors, parse_detector_spec
+    from oodforge.evaluation.cache import OutputCache
+    from oodforge.evaluation.extraction import default_device
+    from oodforge.evaluation.runner import evaluate
+    from oodforge.evaluation.specs import load_fitted_detectors, parse_detector_spec
     from oodforge.runs.payload import print_results, run_payload, save_run
 
     spec = parse_detector_spec(detectors)
@@ -117,7 +119,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="Output folder."),
          quiet: bool = typer.Option(False, "--quiet", help="No progress bars.")) -> None:
     """Train the small CNN on Fashion-MNIST, then score every detector on every OOD set."""
     from oodforge.data.benchmarks import get_benchmark
-    from oodforge.training.loop import MODEL_CHECKPOINT, TrainConfig
+    from oodforge.training.config import MODEL_CHECKPOINT, TrainConfig
     from oodforge.training.loop import train as run_training
     from oodforge.util.precision import check_precision
     from oodforge.util.validation import check_output_folder
@@ -160,8 +162,9 @@ def train(benchmark: str = typer.Option("fashion_mnist", help="Benchmark whose I
           quiet: bool = typer.Option(False, "--quiet")) -> None:
     """Train a classifier (any backbone, head, loss, data mix), then score it on its benchmark."""
     from oodforge.data.benchmarks import get_benchmark
-    from oodforge.evaluation.runner import parse_detector_spec
-    from oodforge.training.loop import MODEL_CHECKPOINT, TrainConfig, make_fabric, with_recipe_detectors
+    from oodforge.evaluation.specs import parse_detector_spec
+    from oodforge.training.config import MODEL_CHECKPOINT, TrainConfig, with_recipe_detectors
+    from oodforge.training.loop import make_fabric
     from oodforge.training.loop import train as run_training
     from oodforge.util.precision import PRECISIONS
     from oodforge.util.validation import check_output_folder
@@ -183,8 +186,8 @@ def train(benchmark: str = typer.Option("fashion_mnist", help="Benchmark whose I
     model = run_training(config, out, resume=resume, quiet=quiet, fabric=fabric)
     scoring = precision if precision in PRECISIONS else "32-true"  # e.g. 16-mixed trains; scoring is float32
     if fabric.world_size > 1:  # every process extracts a shard of each set into rank 0's output cache
+        from oodforge.evaluation.cache import OutputCache
         from oodforge.evaluation.distributed import prefill_benchmark
-        from oodforge.evaluation.extraction import OutputCache
 
         prefill_benchmark(fabric, model, bench, OutputCache(), train_subset, scoring)
     if not fabric.is_global_zero:
@@ -213,7 +216,7 @@ def score(benchmark: str = typer.Option(..., help="Benchmark: a registered name 
           quiet: bool = typer.Option(False, "--quiet")) -> None:
     """Score a trained or pretrained classifier with post-hoc detectors on a benchmark."""
     from oodforge.data.benchmarks import get_benchmark
-    from oodforge.evaluation.runner import parse_detector_spec
+    from oodforge.evaluation.specs import parse_detector_spec
     from oodforge.models.loading import load_model, training_outliers
     from oodforge.util.precision import check_precision
     from oodforge.util.validation import check_output_folder

@@ -13,7 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from oodforge.detectors.base import ModelOutputs
-from oodforge.evaluation.extraction import Images, OutputCache, compute_outputs
+from oodforge.evaluation.cache import OutputCache
+from oodforge.evaluation.extraction import Images, compute_outputs
+from oodforge.evaluation.sets import fit_images, scored_sets
 from oodforge.util.precision import resolve_precision
 
 
@@ -78,7 +80,5 @@ def prefill_benchmark(fabric, model: nn.Module, benchmark, cache: OutputCache, t
                       precision: str = "32-true", batch_size: int = 500) -> None:
     """``prefill_cache`` with every set that scoring ``benchmark`` reads: its test sets and the training
     images detectors fit on (``train_subset`` as in training)."""
-    from oodforge.evaluation.runner import fit_images, scored_sets
-
     sets = [*scored_sets(benchmark).values(), fit_images(benchmark, train_subset=train_subset)]
     prefill_cache(fabric, model, sets, cache, fabric.device, batch_size, precision)

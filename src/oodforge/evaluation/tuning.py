@@ -20,9 +20,11 @@ import torch
 from oodforge.data.benchmark import VAL_HOLDOUT, VAL_HOLDOUT_SHARE, Benchmark, Images
 from oodforge.data.datasets import overlaps
 from oodforge.detectors import Detector, ModelOutputs
-from oodforge.evaluation.extraction import OutputCache, image_loader
+from oodforge.evaluation.cache import OutputCache
+from oodforge.evaluation.extraction import image_loader
 from oodforge.evaluation.metrics import ood_metrics
-from oodforge.evaluation.runner import build_detector, input_scores
+from oodforge.evaluation.scoring import input_scores
+from oodforge.evaluation.specs import build_detector
 from oodforge.util.progress import progress_bar
 
 MAX_TRIALS = 64  # a search space larger than this is cut to its first MAX_TRIALS combinations

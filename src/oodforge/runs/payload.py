@@ -13,7 +13,7 @@ from rich.table import Table
 from torch import nn
 
 from oodforge.data.benchmark import Benchmark
-from oodforge.evaluation.runner import Evaluation, mean_auroc
+from oodforge.evaluation.result import Evaluation, mean_auroc
 from oodforge.runs.folder import scores_digest, write_together
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from oodforge.runs.payload import print_results, save_run
+
 
 class OODResults:
     """The results.json rows of one evaluation, its raw scores and its fitted detectors."""
@@ -49,15 +51,11 @@ class OODResults:
 
     def write(self, out: str | Path) -> Path:
         """Write results.json, scores.npz and report.html into ``out``."""
-        from oodforge.runs.payload import save_run
-
         save_run(Path(out), self.payload, self.scores)
         return Path(out)
 
     def __repr__(self) -> str:
         from rich.console import Console
-
-        from oodforge.runs.payload import print_results
 
         buffer = io.StringIO()
         print_results(self.payload, Console(file=buffer, width=160, color_system=None))

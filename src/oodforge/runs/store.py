@@ -21,8 +21,9 @@ import numpy as np
 from torch import nn
 
 from oodforge.data.benchmark import Benchmark
-from oodforge.evaluation.extraction import model_fingerprint
-from oodforge.evaluation.runner import Evaluation, evaluated_sets
+from oodforge.evaluation.cache import model_fingerprint
+from oodforge.evaluation.result import Evaluation
+from oodforge.evaluation.sets import evaluated_sets
 from oodforge.runs.folder import finish_pending, scores_digest, write_together
 from oodforge.util.code_identity import oodforge_identity
 

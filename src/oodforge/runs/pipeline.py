@@ -1,0 +1,75 @@
+"""The benchmark runner: outputs once per dataset, every detector on every OOD set, metrics, files."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from oodforge.data.benchmark import Benchmark
+from oodforge.detectors import ModelOutputs
+from oodforge.evaluation.extraction import Data, as_classifier, as_loader, extract_outputs, model_device
+from oodforge.evaluation.scoring import score_sets
+from oodforge.evaluation.specs import build_detector, detector_options
+from oodforge.runs.payload import run_payload, save_run
+from oodforge.runs.results import OODResults
+from oodforge.util.precision import resolve_precision
+
+
+def evaluate_ood(model: torch.nn.Module, id_train: Data | None, id_test: Data, ood: dict[str, object],
+                 detectors: str | list[str] | dict[str, dict] = "all", *, out: str | Path | None = None,
+                 device: torch.device | str | None = None, batch_size: int = 256, num_workers: int = 0,
+                 quiet: bool = False, id_name: str = "id", name: str = "custom",
+                 precision: str = "32-true") -> OODResults:
+    """Evaluate detectors on any classifier and data: fit on ``id_train``, score ``id_test`` and each OOD set.
+
+    ``ood`` maps a name to data or to ``(data, "near" | "far")`` (plain data counts as far); data are
+    DataLoaders, Datasets or tensors with batches ``x`` or ``(x, y)``. With ``out``, the usual run
+    folder (results.json, scores.npz, report.html) is written there. ``precision="auto"`` runs the network
+    under bf16 autocast where the hardware has it natively (``oodforge.util.precision``).
+    """
+    spec = detector_options(detectors)
+    model = as_classifier(model)
+    device = model_device(model) if device is None else torch.device(device)
+    precision = resolve_precision(precision, device)
+    groups, data = _ood_groups(ood, id_name)
+    sets = {id_name: id_test, **data}
+    loaders = {n: as_loader(d, batch_size, num_workers) for n, d in sets.items()}
+    start = time.perf_counter()
+    outputs = {n: extract_outputs(model, loader, device, quiet=quiet, precision=precision)
+               for n, loader in loaders.items()}
+
+    def train_outputs() -> ModelOutputs:
+        if id_train is None:
+            raise ValueError("id_train is needed to fit " + ", ".join(
+                n for n, o in spec.items() if build_detector(n, o).needs_fit))
+        return extract_outputs(model, as_loader(id_train, batch_size, num_workers), device, quiet=quiet,
+                               precision=precision)
+
+    evaluation = score_sets(model, spec, outputs, {n: (lambda lo=lo: lo) for n, lo in loaders.items()}, id_name,
+                            groups, train_outputs, quiet=quiet, device=device,
+                            timings={"outputs_s": time.perf_counter() - start}, precision=precision)
+    benchmark = Benchmark(name, id_name, groups, (0, 0, 0), (), ())
+    payload, scores = run_payload(benchmark, {"model": (model, evaluation, {}, None)})
+    if out is not None:
+        save_run(Path(out), payload, scores)
+    return OODResults(payload, scores, evaluation.detectors)
+
+
+def _ood_groups(ood: dict[str, object], id_name: str) -> tuple[dict[str, str], dict[str, object]]:
+    """{name: data or (data, group)} -> ({name: group}, {name: data})."""
+    if not isinstance(ood, dict) or not ood:
+        raise ValueError("ood must map at least one OOD set name to data or (data, 'near' | 'far')")
+    groups, data = {}, {}
+    for name, entry in ood.items():
+        if name == id_name:
+            raise ValueError(f"OOD set {name!r} has the ID set's name; pass id_name= or rename it")
+        if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], str):
+            entry, group = entry
+            if group not in ("near", "far"):
+                raise ValueError(f"group of OOD set {name!r} must be 'near' or 'far', got {group!r}")
+        else:
+            group = "far"
+        groups[name], data[name] = group, entry
+    return groups, data
