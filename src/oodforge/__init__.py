@@ -1,6 +1,6 @@
 """oodforge: train, synthesize, score and benchmark OOD detectors for PyTorch image classifiers.
 
-The public Python API (names load on first use, so ``import oodforge`` stays light)::
+The public Python API (``oodforge.api``; names load on first use, so ``import oodforge`` stays light)::
 
     import oodforge
     model = oodforge.wrap_model(torchvision_net)
@@ -10,32 +10,59 @@ The public Python API (names load on first use, so ``import oodforge`` stays lig
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-_API = {
-    "wrap_model": "oodforge.models.adapters",
-    "build_model": "oodforge.models.adapters",
-    "extract_outputs": "oodforge.evaluation.extraction",
-    "evaluate_ood": "oodforge.runs.pipeline",
-    "create_detector": "oodforge.detectors",
-    "DETECTORS": "oodforge.detectors",
-    "Detector": "oodforge.detectors",
-    "ModelOutputs": "oodforge.detectors",
-    "OODResults": "oodforge.runs.results",
-    "get_benchmark": "oodforge.data.benchmarks",
-    "load_dataset": "oodforge.data.datasets",
-    "TrainConfig": "oodforge.training.config",
-}
+if TYPE_CHECKING:  # what IDEs and type checkers see; at run time the names load lazily below
+    from oodforge.api import (
+        DETECTORS,
+        Detector,
+        Evaluation,
+        ModelOutputs,
+        OODResults,
+        OutputCache,
+        TrainConfig,
+        build_model,
+        create_detector,
+        evaluate,
+        evaluate_ood,
+        extract_outputs,
+        get_benchmark,
+        load_dataset,
+        load_model,
+        parse_detector_spec,
+        train,
+        wrap_model,
+    )
 
-__all__ = sorted(_API)
+__all__ = [
+    "DETECTORS",
+    "Detector",
+    "Evaluation",
+    "ModelOutputs",
+    "OODResults",
+    "OutputCache",
+    "TrainConfig",
+    "build_model",
+    "create_detector",
+    "evaluate",
+    "evaluate_ood",
+    "extract_outputs",
+    "get_benchmark",
+    "load_dataset",
+    "load_model",
+    "parse_detector_spec",
+    "train",
+    "wrap_model",
+]
 
 
 def __getattr__(name: str) -> object:
-    if name not in _API:
+    if name not in __all__:
         raise AttributeError(f"module 'oodforge' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_API[name]), name)
+    value = getattr(importlib.import_module("oodforge.api"), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_API))
+    return sorted(set(globals()) | set(__all__))

@@ -22,6 +22,7 @@ import torch
 
 from oodforge.evaluation.result import Evaluation
 from oodforge.util.atomic import atomic_json
+from oodforge.util.errors import ConfigError
 from oodforge.util.progress import progress_bar
 
 EXECUTORS = ("local", "ray")
@@ -43,23 +44,23 @@ class Job(Protocol):
 def check_executor(name: str, address: str | None = None) -> None:
     """Refuse an unknown executor, ``--address`` without Ray, or Ray when it is not installed."""
     if name not in EXECUTORS:
-        raise ValueError(f"--executor must be one of {', '.join(EXECUTORS)}; got {name!r}")
+        raise ConfigError(f"--executor must be one of {', '.join(EXECUTORS)}; got {name!r}")
     if name == "local" and address:
-        raise ValueError("--address is for --executor ray")
+        raise ConfigError("--address is for --executor ray")
     if name == "ray" and importlib.util.find_spec("ray") is None:
-        raise ValueError(RAY_MISSING)
+        raise ConfigError(RAY_MISSING)
 
 
 def check_resources(resources: object, path: object) -> None:
     """A bench config's ``resources``: a mapping of ``num_cpus``/``num_gpus`` to non-negative numbers."""
     if not isinstance(resources, dict):
-        raise ValueError(f"{path}: resources must be a mapping like {{num_cpus: 1, num_gpus: 0.25}}, "
+        raise ConfigError(f"{path}: resources must be a mapping like {{num_cpus: 1, num_gpus: 0.25}}, "
                          f"got {resources!r}")
     for key, value in resources.items():
         if key not in DEFAULT_RESOURCES:
-            raise ValueError(f"{path}: resources: unknown key {key!r}; allowed: {', '.join(DEFAULT_RESOURCES)}")
+            raise ConfigError(f"{path}: resources: unknown key {key!r}; allowed: {', '.join(DEFAULT_RESOURCES)}")
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{path}: resources: {key} must be a non-negative number, got {value!r}")
+            raise ConfigError(f"{path}: resources: {key} must be a non-negative number, got {value!r}")
 
 
 def run_jobs(executor: str, work: Callable, jobs: Sequence[Job], *args, quiet: bool = False,
@@ -118,7 +119,7 @@ def check_fits(resources: dict, available: dict) -> None:
     """Refuse tasks that a local Ray instance could never schedule (Ray would wait for them forever)."""
     for key, name in (("num_cpus", "CPU"), ("num_gpus", "GPU")):
         if resources[key] > available.get(name, 0):
-            raise ValueError(f"resources: {key} {resources[key]:g} is more than this machine's Ray instance has "
+            raise ConfigError(f"resources: {key} {resources[key]:g} is more than this machine's Ray instance has "
                              f"({available.get(name, 0):g} {name}); lower it or give --address of a cluster")
 
 

@@ -36,6 +36,7 @@ from oodforge.runs.store import EVALUATION_JSON, evaluation_key, load_evaluation
 from oodforge.training.config import MODEL_CHECKPOINT, TrainConfig, with_recipe_detectors
 from oodforge.training.loop import copy_sample_grids, train
 from oodforge.util.atomic import read_yaml_mapping
+from oodforge.util.errors import ConfigError
 from oodforge.util.precision import resolve_precision
 
 CONFIG_KEYS = {"benchmark", "detectors", "seeds", "defaults", "runs", "description", "tune", "resources"}
@@ -65,27 +66,27 @@ def load_bench_config(path: Path) -> dict:
     config = read_yaml_mapping(path, "bench config")
     unknown = set(config) - CONFIG_KEYS
     if unknown:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(CONFIG_KEYS)}")
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(CONFIG_KEYS)}")
     runs = config.get("runs")
     if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) for r in runs):
-        raise ValueError(f"{path}: 'runs' must be a non-empty list of runs, each a mapping with a 'name'")
+        raise ConfigError(f"{path}: 'runs' must be a non-empty list of runs, each a mapping with a 'name'")
     kinds = {"detectors": str, "benchmark": str, "defaults": dict, "tune": bool, "description": str}
     for key, kind in kinds.items():
         if key in config and not isinstance(config[key], kind):
-            raise ValueError(f"{path}: {key} must be a {kind.__name__}, got {config[key]!r}")
+            raise ConfigError(f"{path}: {key} must be a {kind.__name__}, got {config[key]!r}")
     _check_seeds(config.get("seeds", [0]), path, "seeds")
     check_resources(config.get("resources", {}), path)
     allowed = {f.name for f in fields(TrainConfig)}
     for key in config.get("defaults", {}):
         if key not in allowed:
-            raise ValueError(f"{path}: defaults: {key!r} is not a training option")
+            raise ConfigError(f"{path}: defaults: {key!r} is not a training option")
     for run in runs:
         bad = set(run) - allowed - {"name", "seeds"}
         if "name" not in run or bad:
-            raise ValueError(f"{path}: each run needs a 'name' and TrainConfig fields; bad keys {sorted(bad)}")
+            raise ConfigError(f"{path}: each run needs a 'name' and TrainConfig fields; bad keys {sorted(bad)}")
         name = run["name"]
         if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
-            raise ValueError(f"{path}: run name {name!r} must be a plain folder name (no '/', not '.' or '..')")
+            raise ConfigError(f"{path}: run name {name!r} must be a plain folder name (no '/', not '.' or '..')")
         _check_seeds(run.get("seeds", [0]), path, f"run {name}: seeds")
     return config
 
@@ -93,7 +94,7 @@ def load_bench_config(path: Path) -> dict:
 def _check_seeds(seeds: object, path: Path, where: str) -> None:
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
                                                             for s in seeds):
-        raise ValueError(f"{path}: {where} must be a non-empty list of integers, got {seeds!r}")
+        raise ConfigError(f"{path}: {where} must be a non-empty list of integers, got {seeds!r}")
 
 
 def bench_recipes(config: dict, reference: str, out: Path) -> list[tuple[dict, int, TrainConfig]]:
@@ -107,7 +108,7 @@ def bench_recipes(config: dict, reference: str, out: Path) -> list[tuple[dict, i
             try:
                 recipe.validate()
             except ValueError as exc:
-                raise ValueError(f"run {run['name']} (seed {seed}): {exc}") from None
+                raise ConfigError(f"run {run['name']} (seed {seed}): {exc}") from None
             recipes.append((run, seed, recipe))
     return recipes
 
@@ -176,14 +177,14 @@ def select_part(config: dict, path: Path, only: list[str] | None = None, seeds: 
     names = [run["name"] for run in config["runs"]]
     unknown = sorted(set(only or []) - set(names))
     if unknown:
-        raise ValueError(f"{path}: no runs named {unknown}; the runs are {names}")
+        raise ConfigError(f"{path}: no runs named {unknown}; the runs are {names}")
     runs = [run for run in config["runs"] if not only or run["name"] in only]
     if seeds is not None:
         runs = [{**run, "seeds": run.get("seeds", config.get("seeds", [0]))} for run in runs]
         available = {seed for run in runs for seed in run["seeds"]}
         missing = sorted(set(seeds) - available)
         if missing:
-            raise ValueError(f"--seeds: {missing} not among the seeds of the selected runs ({sorted(available)}) "
+            raise ConfigError(f"--seeds: {missing} not among the seeds of the selected runs ({sorted(available)}) "
                              f"in {path}")
         runs = [{**run, "seeds": [s for s in run["seeds"] if s in seeds]} for run in runs]
         runs = [run for run in runs if run["seeds"]]
@@ -233,7 +234,7 @@ def summarize(payload: dict, validation_sets: list[str] | None = None) -> list[d
     if validation_sets is not None:
         unknown = sorted(set(validation_sets) - set(common))
         if unknown:
-            raise ValueError(f"validation set(s) {', '.join(unknown)} not scored for every run "
+            raise ConfigError(f"validation set(s) {', '.join(unknown)} not scored for every run "
                              f"(common to all: {', '.join(common) or 'none'})")
         common = list(validation_sets)
     rows = []
@@ -260,10 +261,10 @@ def merge_payloads(payloads: list[dict]) -> dict:
     """One results.json payload from several bench outputs of the same benchmark (e.g. two configs), so that
     ``summarize`` and ``best_on_validation`` compare all their runs; a method found twice must be the same."""
     if not payloads:
-        raise ValueError("no payload to merge")
+        raise ConfigError("no payload to merge")
     benchmarks = {p["benchmark"] for p in payloads}
     if len(benchmarks) > 1:
-        raise ValueError(f"payloads of different benchmarks: {', '.join(sorted(benchmarks))}")
+        raise ConfigError(f"payloads of different benchmarks: {', '.join(sorted(benchmarks))}")
     methods: dict[str, dict] = {}
     rows_of: dict[str, list[dict]] = {}  # method -> its result rows
     for payload in payloads:
@@ -274,7 +275,7 @@ def merge_payloads(payloads: list[dict]) -> dict:
             if method not in methods:
                 methods[method], rows_of[method] = info, rows.get(method, [])
             elif info["id_accuracy"] != methods[method]["id_accuracy"] or rows.get(method, []) != rows_of[method]:
-                raise ValueError(f"method {method!r} appears in two payloads with different results")
+                raise ConfigError(f"method {method!r} appears in two payloads with different results")
     merged = {**payloads[0], "methods": methods, "results": [r for m in methods for r in rows_of[m]]}
     merged.pop("scores_sha256", None)  # no single scores.npz holds the merged scores
     return merged
@@ -287,7 +288,7 @@ def load_payloads(paths: list[Path]) -> list[dict]:
         try:
             payloads.append(json.loads(Path(path).read_text()))
         except (OSError, ValueError) as exc:
-            raise ValueError(f"{path}: {exc}") from exc
+            raise ConfigError(f"{path}: {exc}") from exc
     return payloads
 
 

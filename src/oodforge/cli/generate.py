@@ -9,6 +9,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from oodforge.util.errors import ConfigError
+
 generate_app = typer.Typer(no_args_is_help=True, help="Train a class-conditional diffusion model and sample "
                            "synthetic ID images or label-interpolated outliers.")
 console = Console(stderr=True)
@@ -38,7 +40,7 @@ def train_generator(dataset: str = typer.Option("fashion_mnist", help="Registere
     check_output_folder(out, "--out")
     check_precision(precision)
     if preset not in PRESETS:
-        raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     target = resolve_device(device)
     bf16 = resolve_precision(precision, target) == "bf16-mixed"
     images = load_dataset(dataset, "train")
@@ -75,10 +77,10 @@ def sample(generator: Path = typer.Option(..., help="A diffusion.ckpt written by
     from oodforge.util.validation import check_output_folder
 
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder")
+        raise ConfigError(f"--out {out} is a file, not a folder")
     check_output_folder(out.absolute().parent, "--out (its parent folder)")  # OUT itself is the set, made whole
     if kind not in ("id", "interpolated"):
-        raise ValueError(f"--kind must be 'id' or 'interpolated', got {kind!r}")
+        raise ConfigError(f"--kind must be 'id' or 'interpolated', got {kind!r}")
     from oodforge.util.precision import check_precision, resolve_precision
 
     check_precision(precision)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict
@@ -11,6 +12,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+from oodforge.util.errors import ConfigError, OodforgeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train, synthesize, score and benchmark OOD detectors for image classifiers.")
@@ -22,22 +25,20 @@ PRECISION_HELP = ("auto (bf16-mixed autocast where the CPU or GPU runs bf16 nati
 
 
 def _fail_cleanly(command: Callable) -> Callable:
-    """Turn expected errors (bad input, missing data, corrupt files, a folder or disk that cannot be
-    written) into one line and exit code 2; oodforge's own warnings are one ``warning:`` line each."""
+    """Print oodforge's errors (``OodforgeError``) and the system's (``OSError``: a disk, a permission) as one
+    ``error:`` line with exit code 2; anything else is a bug and keeps its traceback. ``--debug`` (or
+    ``OODFORGE_DEBUG=1``) shows the traceback of every error. oodforge's warnings are one ``warning:`` line each."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        from oodforge.data.datasets import CorruptImageError, DatasetNotFoundError
-        from oodforge.data.synthetic import SyntheticSetError
-        from oodforge.models.classifier import CheckpointError
-
         try:
             with warnings.catch_warnings():
                 warnings.showwarning = _one_line_warnings(warnings.showwarning)
                 return command(*args, **kwargs)
-        except (DatasetNotFoundError, CorruptImageError, CheckpointError, SyntheticSetError, FileNotFoundError,
-                KeyError, ValueError, FloatingPointError, OSError) as exc:
-            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        except (OodforgeError, OSError) as exc:
+            if os.environ.get("OODFORGE_DEBUG", "") not in ("", "0"):
+                raise
+            message = str(exc)
             if message.startswith("Caught "):  # raised in a DataLoader worker: keep the original message
                 message = message.strip().splitlines()[-1].split(": ", 1)[-1]
             console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
@@ -46,7 +47,15 @@ def _fail_cleanly(command: Callable) -> Callable:
     return wrapper
 
 
-PACKAGE_DIR = str(Path(__file__).resolve().parent)
+@app.callback()
+def _global_options(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error (or set "
+                                                                 "OODFORGE_DEBUG=1).")) -> None:
+    """Train, synthesize, score and benchmark OOD detectors for image classifiers."""
+    if debug:
+        os.environ["OODFORGE_DEBUG"] = "1"
+
+
+PACKAGE_DIR = str(Path(__file__).resolve().parents[1])  # the oodforge package
 
 
 def _one_line_warnings(show: Callable) -> Callable:
@@ -73,7 +82,7 @@ def _int_list(text: str, flag: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",")]
     except ValueError:
-        raise ValueError(f"{flag} {text!r} must be comma-separated integers, e.g. 0,2") from None
+        raise ConfigError(f"{flag} {text!r} must be comma-separated integers, e.g. 0,2") from None
 
 
 def _evaluate_and_save(model, benchmark, detectors: str, out: Path, train_info: dict, checkpoint: str | None,

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from oodforge.data.imageset import ImageSet
+from oodforge.util.errors import ConfigError
 
 AUGMENTATIONS = (None, "crop_flip")
 
@@ -45,7 +46,7 @@ class TensorBatches:
     def __init__(self, sets: list[ImageSet], sampler: Iterable[list[int]], device: torch.device | str = "cpu",
                  augment: str | None = None, padding: int = 4, channels_last: bool = False) -> None:
         if augment not in AUGMENTATIONS:
-            raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
+            raise ConfigError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
         arrays = [s.images for s in sets]
         pixels = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
         self.device = torch.device(device)

@@ -13,6 +13,7 @@ from torchvision.transforms.v2 import functional as TF
 from oodforge.data.datasets import DatasetNotFoundError, load_dataset, overlaps
 from oodforge.data.imageset import ImageSet, balanced_index
 from oodforge.data.streaming import FileImageSet
+from oodforge.util.errors import ConfigError, UnknownNameError
 
 Images = ImageSet | FileImageSet
 VAL_HOLDOUT = 1000  # ID validation images held out from the training split when no val.id set is given
@@ -72,7 +73,8 @@ class Benchmark:
     def ood_set(self, name: str, root: str | Path | None = None) -> Images:
         """An OOD test set in the ID image size and channels."""
         if name not in self.ood:
-            raise KeyError(f"{name!r} is not an OOD set of benchmark {self.name!r}; its sets: {sorted(self.ood)}")
+            raise UnknownNameError(f"{name!r} is not an OOD set of benchmark {self.name!r}; its sets: "
+                                   f"{sorted(self.ood)}")
         images = load_dataset(self.spec(name), "test", root, image_shape=self.image_shape, streaming=self.streaming,
                               resize=self.resize)
         return adapt(images, self.image_shape, self.resize)
@@ -128,7 +130,7 @@ class Benchmark:
             return None
         count = min(int(source.get("holdout", VAL_HOLDOUT)), int(train_size * VAL_HOLDOUT_SHARE))
         if count < 1:
-            raise ValueError(f"benchmark {self.name!r}: its ID training split has {train_size} images, too few to "
+            raise ConfigError(f"benchmark {self.name!r}: its ID training split has {train_size} images, too few to "
                              f"hold out {VAL_HOLDOUT_SHARE:.0%} of them for validation; give a separate 'val.id' set")
         return count
 
@@ -144,7 +146,7 @@ class Benchmark:
                 images = images.subset(np.linspace(0, len(images) - 1, limit).round().astype(int))
             sets[name] = images
         if not sets:
-            raise ValueError(f"benchmark {self.name!r} declares no validation OOD sets (a 'val: ood:' section)")
+            raise ConfigError(f"benchmark {self.name!r} declares no validation OOD sets (a 'val: ood:' section)")
         return sets
 
     def check_validation(self) -> None:
@@ -153,7 +155,7 @@ class Benchmark:
         for name, entry in self.val.get("ood", {}).items():
             for spec, split in tests:
                 if entry.get("split", "test") == split and same_source(entry["data"], spec):
-                    raise ValueError(f"benchmark {self.name!r}: validation OOD set {name!r} ({entry['data']}) "
+                    raise ConfigError(f"benchmark {self.name!r}: validation OOD set {name!r} ({entry['data']}) "
                                      f"shares images with test set {spec!r}")
 
     def num_classes(self, root: str | Path | None = None) -> int:
@@ -180,7 +182,7 @@ def relabel(images: Images, classes: list[str], spec: str) -> Images:
         return images
     unknown = sorted(set(images.classes) - set(classes))
     if unknown:
-        raise ValueError(f"{spec}: class folders {unknown[:5]} are not among the benchmark's classes {classes[:10]}")
+        raise ConfigError(f"{spec}: class folders {unknown[:5]} are not among the benchmark's classes {classes[:10]}")
     mapping = np.array([classes.index(c) for c in images.classes], np.int64)
     labels = np.where(images.labels >= 0, mapping[np.clip(images.labels, 0, None)], -1)
     return replace(images, labels=labels, classes=list(classes))

@@ -25,6 +25,7 @@ from pathlib import Path
 from oodforge.data.benchmark import Benchmark
 from oodforge.data.datasets import DATASETS, STREAMING_MODES, locate
 from oodforge.util.atomic import read_yaml_mapping
+from oodforge.util.errors import ConfigError, MissingPathError
 
 KEYS = {"name", "id", "ood", "val", "image_size", "mean", "std", "classes", "channels", "augment", "backbone",
         "streaming", "description"}
@@ -37,20 +38,20 @@ def load_benchmark_file(path: Path) -> Benchmark:
     config = read_yaml_mapping(path, "benchmark file")
     unknown = sorted(set(config) - KEYS)
     if unknown:
-        raise ValueError(f"{path}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(KEYS))}")
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(KEYS))}")
     name = _text(config.get("name", path.stem), path, "name")
     sources = _id_sources(config.get("id"), path)
     ood = _ood_sets(config.get("ood"), path, "ood")
     if not ood:
-        raise ValueError(f"{path}: 'ood' names no OOD set")
+        raise ConfigError(f"{path}: 'ood' names no OOD set")
     sources.update({n: spec for n, (spec, _) in ood.items()})
     if name in ood:
-        raise ValueError(f"{path}: OOD set {name!r} has the benchmark's own name; rename one of them")
+        raise ConfigError(f"{path}: OOD set {name!r} has the benchmark's own name; rename one of them")
     mean = _floats(config.get("mean", list(IMAGENET_MEAN)), path, "mean")
     std = _floats(config.get("std", list(IMAGENET_STD)), path, "std", positive=True)
     channels = config.get("channels", len(mean))
     if len(mean) != len(std) or channels not in (1, 3) or len(mean) not in (1, channels):
-        raise ValueError(f"{path}: mean and std need one value per channel (1 or 3), got {mean} and {std}")
+        raise ConfigError(f"{path}: mean and std need one value per channel (1 or 3), got {mean} and {std}")
     size = _image_size(config.get("image_size"), path)
     for key, spec in sources.items():
         check_spec(spec, path, "id." + key[3:] if key.startswith("id:") else f"ood.{key}")
@@ -71,13 +72,13 @@ def check_spec(spec: str, path: Path, key: str) -> None:
         try:
             locate(Path(spec.split(":", 1)[1]), "", spec)
         except ValueError as exc:  # a file that is no archive, or a damaged one
-            raise ValueError(f"{path}: {key}: {exc}") from None
+            raise ConfigError(f"{path}: {key}: {exc}") from None
     elif spec.startswith("synthetic:"):
         folder = Path(spec.split(":", 1)[1])
         if not folder.is_dir():
-            raise FileNotFoundError(f"{path}: {key}: synthetic set folder not found: {folder}")
+            raise MissingPathError(f"{path}: {key}: synthetic set folder not found: {folder}")
     elif spec not in DATASETS:
-        raise ValueError(f"{path}: {key}: unknown dataset {spec!r}; use folder:PATH, synthetic:PATH or one of "
+        raise ConfigError(f"{path}: {key}: unknown dataset {spec!r}; use folder:PATH, synthetic:PATH or one of "
                          f"{', '.join(DATASETS.names())}")
 
 
@@ -95,21 +96,21 @@ def _resolve(spec: object, path: Path, key: str) -> str:
 
 def _id_sources(block: object, path: Path) -> dict[str, str]:
     if not isinstance(block, dict) or set(block) - {"train", "test"} or "test" not in block or "train" not in block:
-        raise ValueError(f"{path}: 'id' must be a mapping with 'train' and 'test' dataset specs")
+        raise ConfigError(f"{path}: 'id' must be a mapping with 'train' and 'test' dataset specs")
     return {f"id:{split}": _resolve(block[split], path, f"id.{split}") for split in ("train", "test")}
 
 
 def _ood_sets(block: object, path: Path, key: str) -> dict[str, tuple[str, str]]:
     """name -> (spec, group); an entry is a spec string (group far) or ``{data, group}``."""
     if not isinstance(block, dict):
-        raise ValueError(f"{path}: '{key}' must map OOD set names to a dataset spec or {{data, group}}")
+        raise ConfigError(f"{path}: '{key}' must map OOD set names to a dataset spec or {{data, group}}")
     sets = {}
     for name, entry in block.items():
         where = f"{key}.{name}"
         if isinstance(entry, dict):
             extra = sorted(set(entry) - {"data", "group"})
             if extra or "data" not in entry:
-                raise ValueError(f"{path}: {where} needs 'data' (and optionally 'group'); unknown {extra}")
+                raise ConfigError(f"{path}: {where} needs 'data' (and optionally 'group'); unknown {extra}")
             spec, group = entry["data"], entry.get("group", "far")
         else:
             spec, group = entry, "far"
@@ -121,7 +122,7 @@ def _val(block: object, path: Path) -> dict:
     if block is None:
         return {}
     if not isinstance(block, dict) or set(block) - {"id", "ood"}:
-        raise ValueError(f"{path}: 'val' must be a mapping with 'id' (a dataset spec) and 'ood' (named sets)")
+        raise ConfigError(f"{path}: 'val' must be a mapping with 'id' (a dataset spec) and 'ood' (named sets)")
     val: dict = {}
     if "id" in block:
         val["id"] = _resolve(block["id"], path, "val.id")
@@ -135,7 +136,7 @@ def _val(block: object, path: Path) -> dict:
 
 def _text(value: object, path: Path, key: str) -> str:
     if not isinstance(value, str) or not value:
-        raise ValueError(f"{path}: {key} must be a non-empty string, got {value!r}")
+        raise ConfigError(f"{path}: {key} must be a non-empty string, got {value!r}")
     return value
 
 
@@ -143,11 +144,11 @@ def _floats(value: object, path: Path, key: str, positive: bool = False) -> list
     """A non-empty list of finite numbers (each > 0 with ``positive``); else one line naming the file and key."""
     if (not isinstance(value, list) or not value
             or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)):
-        raise ValueError(f"{path}: {key} must be a list of numbers, got {value!r}")
+        raise ConfigError(f"{path}: {key} must be a list of numbers, got {value!r}")
     bad = [v for v in value if not abs(v) <= sys.float_info.max or (positive and v <= 0)]  # NaN, inf, 1e999
     if bad:
         kind = "finite numbers > 0" if positive else "finite numbers"
-        raise ValueError(f"{path}: {key} must be {kind}, got {bad[0]!r} in {value!r}")
+        raise ConfigError(f"{path}: {key} must be {kind}, got {bad[0]!r} in {value!r}")
     return [float(v) for v in value]
 
 
@@ -157,12 +158,12 @@ def _image_size(value: object, path: Path) -> tuple[int, int]:
     if (isinstance(value, list) and len(value) == 2
             and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
         return value[0], value[1]
-    raise ValueError(f"{path}: image_size must be a positive integer (or [height, width]), got {value!r}")
+    raise ConfigError(f"{path}: image_size must be a positive integer (or [height, width]), got {value!r}")
 
 
 def _choice(value: object, path: Path, key: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
-        raise ValueError(f"{path}: {key} must be one of {', '.join(allowed)}, got {value!r}")
+        raise ConfigError(f"{path}: {key} must be one of {', '.join(allowed)}, got {value!r}")
     return value
 
 
@@ -176,7 +177,7 @@ def _classes(value: object, path: Path) -> tuple[str, ...] | None:
     if value is None:
         return None
     if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{path}: classes must be a list of class-folder names, got {value!r}")
+        raise ConfigError(f"{path}: classes must be a list of class-folder names, got {value!r}")
     if len(set(value)) != len(value):
-        raise ValueError(f"{path}: classes has duplicates")
+        raise ConfigError(f"{path}: classes has duplicates")
     return tuple(value)

@@ -28,6 +28,7 @@ from oodforge.data.imageset import ImageSet
 from oodforge.data.manifest import cache_root
 from oodforge.data.streaming import FileImageSet, unpack_tar
 from oodforge.util.atomic import atomic_json, atomic_npy, remove_stale_temp_files
+from oodforge.util.errors import ConfigError, MissingPathError
 from oodforge.util.registry import Registry
 
 DATASETS: Registry[ImageSet] = Registry("dataset")
@@ -36,7 +37,7 @@ ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 SPLITS = ("train", "test")
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(MissingPathError):
     """A dataset's files are not where oodforge looked for them."""
 
     def __init__(self, name: str, folder: Path, detail: str = "", hint: bool = True) -> None:
@@ -66,9 +67,9 @@ def load_dataset(spec: str, split: str = "test", root: str | Path | None = None,
     ``STREAM_COUNT``).
     """
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
     if streaming not in STREAMING_MODES:
-        raise ValueError(f"streaming must be one of {STREAMING_MODES}, got {streaming!r}")
+        raise ConfigError(f"streaming must be one of {STREAMING_MODES}, got {streaming!r}")
     if spec.startswith("folder:"):
         return image_folder(Path(spec.split(":", 1)[1]).expanduser(), name=spec, streaming=streaming,
                             shape=image_shape, resize=resize)
@@ -274,7 +275,7 @@ def _folder_or_archive(path: Path) -> Path:
         return path
     if path.name.lower().endswith(ARCHIVE_SUFFIXES):
         raise CorruptImageError(f"cannot read archive {path}: not a readable zip or tar archive")
-    raise ValueError(f"{path}: a folder: spec must name a folder or an archive (.zip, .tar, .tar.gz), "
+    raise ConfigError(f"{path}: a folder: spec must name a folder or an archive (.zip, .tar, .tar.gz), "
                      "not another kind of file")
 
 
@@ -375,7 +376,7 @@ def fashion_mnist(root: Path, split: str, image_shape: Shape = None) -> ImageSet
 def notmnist(root: Path, split: str, image_shape: Shape = None) -> ImageSet:
     """notMNIST letters A-J, test split only (IDX files in ``notMNIST/raw``); no public download."""
     if split != "test":
-        raise ValueError("notmnist has only a test split")
+        raise ConfigError("notmnist has only a test split")
     raw = root / "notMNIST" / "raw"
     images_file, labels_file = raw / "t10k-images-idx3-ubyte", raw / "t10k-labels-idx1-ubyte"
     _require("notmnist", root, images_file, labels_file)
@@ -410,7 +411,7 @@ def _renamed(images: ImageSet, name: str) -> ImageSet:
 def tiny_imagenet(root: Path, split: str, image_shape: Shape = None) -> ImageSet:
     """Tiny ImageNet validation images ``val_0``-``val_9999`` (64x64, 200 classes); test split only."""
     if split != "test":
-        raise ValueError("tiny_imagenet provides only its validation images (split 'test')")
+        raise ConfigError("tiny_imagenet provides only its validation images (split 'test')")
     path = root / "tiny-imagenet-200-val.tar.gz"
     if not path.exists():
         path = root / "tiny-imagenet-200"

@@ -7,8 +7,10 @@ import io
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from oodforge.util.errors import DataError
 
-class CorruptImageError(ValueError):
+
+class CorruptImageError(DataError):
     """An image file that cannot be decoded; the message names the file."""
 
 

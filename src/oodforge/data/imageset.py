@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from oodforge.util.errors import ConfigError
+
 
 @dataclass
 class ImageSet:
@@ -23,10 +25,10 @@ class ImageSet:
 
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
-            raise ValueError(f"{self.name}: images must be uint8 (N, H, W, C), got {self.images.dtype} "
+            raise ConfigError(f"{self.name}: images must be uint8 (N, H, W, C), got {self.images.dtype} "
                              f"{self.images.shape}")
         if len(self.labels) != len(self.images):
-            raise ValueError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
+            raise ConfigError(f"{self.name}: {len(self.images)} images but {len(self.labels)} labels")
 
     def __len__(self) -> int:
         return len(self.images)

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from oodforge.util.errors import ConfigError
+
 
 class MixedBatchSampler(Sampler[list[int]]):
     """Batches of ``round(B * real_ratio)`` real and ``B - round(B * real_ratio)`` synthetic indices.
@@ -22,9 +24,9 @@ class MixedBatchSampler(Sampler[list[int]]):
     def __init__(self, n_real: int, batch_size: int, n_synthetic: int = 0, real_ratio: float = 1.0,
                  seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         if n_real <= 0 or batch_size <= 0:
-            raise ValueError(f"need n_real > 0 and batch_size > 0, got {n_real} and {batch_size}")
+            raise ConfigError(f"need n_real > 0 and batch_size > 0, got {n_real} and {batch_size}")
         if not 0.0 < real_ratio <= 1.0:
-            raise ValueError(f"real_ratio must be in (0, 1], got {real_ratio}")
+            raise ConfigError(f"real_ratio must be in (0, 1], got {real_ratio}")
         self.n_real, self.n_synthetic, self.batch_size = n_real, n_synthetic, batch_size
         self.real_per_batch = batch_size if n_synthetic == 0 else round(batch_size * real_ratio)
         self.seed, self.rank, self.world_size = seed, rank, world_size

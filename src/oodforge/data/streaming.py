@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from oodforge.data.decoding import archive_error, decode_fitted
 from oodforge.data.imageset import balanced_index
 from oodforge.data.manifest import file_digests
-from oodforge.util.atomic import WriteError
+from oodforge.util.errors import ConfigError, WriteError
 
 RESIZE_MODES = ("stretch", "shorter_crop")
 
@@ -49,9 +49,9 @@ class FileImageSet:
 
     def __post_init__(self) -> None:
         if len(self.members) != len(self.labels):
-            raise ValueError(f"{self.name}: {len(self.members)} files but {len(self.labels)} labels")
+            raise ConfigError(f"{self.name}: {len(self.members)} files but {len(self.labels)} labels")
         if self.resize not in RESIZE_MODES:
-            raise ValueError(f"{self.name}: resize must be one of {RESIZE_MODES}, got {self.resize!r}")
+            raise ConfigError(f"{self.name}: resize must be one of {RESIZE_MODES}, got {self.resize!r}")
 
     def __len__(self) -> int:
         return len(self.members)

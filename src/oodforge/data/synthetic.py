@@ -32,6 +32,7 @@ from matplotlib.figure import Figure
 
 from oodforge.data.imageset import ImageSet
 from oodforge.util.atomic import atomic_json, atomic_write, current_umask, process_tag, tag_owner, writer_gone
+from oodforge.util.errors import ConfigError, DataError
 
 FORMAT = "oodforge-synthetic"
 KINDS = ("id", "interpolated")
@@ -39,7 +40,7 @@ MANIFEST = "manifest.json"
 GRID = "grid.png"
 
 
-class SyntheticSetError(RuntimeError):
+class SyntheticSetError(DataError, RuntimeError):
     """A synthetic set folder that is missing, incomplete or inconsistent."""
 
 
@@ -66,11 +67,11 @@ def write_synthetic(
     folder = Path(path)
     kind = manifest.get("kind")
     if kind not in KINDS:
-        raise ValueError(f"manifest['kind'] must be one of {KINDS}, got {kind!r}")
+        raise ConfigError(f"manifest['kind'] must be one of {KINDS}, got {kind!r}")
     extra = dict(extra or {})
     _check_extra(extra, len(images), str(folder))
     if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder} is a file, not a synthetic set folder")
+        raise ConfigError(f"{folder} is a file, not a synthetic set folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
     recover_synthetic(folder)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.new-{process_tag()}-", dir=folder.parent))
@@ -185,10 +186,10 @@ def sample_grid(
         rows = _rows_by_label(images, columns, max_rows)
     elif rows_by == "pair":
         if pairs is None:
-            raise ValueError("rows_by='pair' needs the class pairs (pairs=... or a SyntheticSet with pairs)")
+            raise ConfigError("rows_by='pair' needs the class pairs (pairs=... or a SyntheticSet with pairs)")
         rows = _rows_by_pair(images, np.asarray(pairs), alphas, columns, max_rows)
     else:
-        raise ValueError(f"rows_by must be 'auto', 'label' or 'pair', got {rows_by!r}")
+        raise ConfigError(f"rows_by must be 'auto', 'label' or 'pair', got {rows_by!r}")
     return _draw_grid(images.images, rows, Path(path))
 
 
@@ -204,7 +205,7 @@ def _rows_by_pair(
     images: ImageSet, pairs: np.ndarray, alphas: np.ndarray | None, columns: int, max_rows: int
 ) -> list[tuple[str, np.ndarray]]:
     if pairs.shape != (len(images), 2):
-        raise ValueError(f"pairs must have shape ({len(images)}, 2), got {pairs.shape}")
+        raise ConfigError(f"pairs must have shape ({len(images)}, 2), got {pairs.shape}")
     low, high = pairs.min(axis=1), pairs.max(axis=1)
     weight_low = None
     if alphas is not None:
@@ -223,7 +224,7 @@ def _rows_by_pair(
 
 def _draw_grid(pixels: np.ndarray, rows: list[tuple[str, np.ndarray]], path: Path) -> Path:
     if not rows:
-        raise ValueError(f"no images to draw in {path}")
+        raise ConfigError(f"no images to draw in {path}")
     height, width, channels = pixels.shape[1:]
     columns = max(1, max(len(index) for _, index in rows))
     pad = 2
@@ -253,9 +254,9 @@ def _class_name(classes: list[str], label: int) -> str:
 def _check_extra(extra: dict[str, np.ndarray], count: int, where: str) -> None:
     for key, array in extra.items():
         if not key.isidentifier() or key in ("images", "labels"):
-            raise ValueError(f"{where}: extra array name {key!r} is not allowed")
+            raise ConfigError(f"{where}: extra array name {key!r} is not allowed")
         if len(array) != count:
-            raise ValueError(f"{where}: extra {key!r} has {len(array)} rows for {count} images")
+            raise ConfigError(f"{where}: extra {key!r} has {len(array)} rows for {count} images")
 
 
 def _read_manifest(folder: Path) -> dict:

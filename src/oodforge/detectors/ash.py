@@ -12,6 +12,7 @@ from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
 from oodforge.detectors.chunks import CHUNK_ROWS
 from oodforge.detectors.head import head_logits
 from oodforge.scores import energy_score
+from oodforge.util.errors import ConfigError
 
 VARIANTS = ("p", "b", "s")
 
@@ -42,9 +43,9 @@ class ASH(Detector):
 
     def _check(self) -> None:
         if self.variant not in VARIANTS:
-            raise ValueError(f"ash: variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+            raise ConfigError(f"ash: variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if not 0.0 <= self.percentile < 100.0:
-            raise ValueError(f"ash: percentile must be in [0, 100), got {self.percentile}")
+            raise ConfigError(f"ash: percentile must be in [0, 100), got {self.percentile}")
 
     def _fit(self, train: ModelOutputs) -> None:  # noqa: ARG002
         self._check()
@@ -82,7 +83,7 @@ def classifier(detector: Detector, name: str) -> nn.Module:
     """The model given to ``fit`` (with a ``.head``), or a ValueError that says how to give it."""
     model = getattr(detector, "model_", None)
     if not isinstance(getattr(model, "head", None), nn.Module):
-        raise ValueError(f"{name} needs the classifier: call fit(train, model) with a model that has .head")
+        raise ConfigError(f"{name} needs the classifier: call fit(train, model) with a model that has .head")
     return model
 
 
@@ -90,7 +91,7 @@ def shaped_energy(model: nn.Module, features: Tensor, shape: Callable[[Tensor], 
     """logsumexp(model.head(shape(features))) per row, float32, ``CHUNK_ROWS`` rows at a time."""
     features = features.detach()
     if features.ndim != 2:
-        raise ValueError(f"features must be (N, D), got {tuple(features.shape)}")
+        raise ConfigError(f"features must be (N, D), got {tuple(features.shape)}")
     parts = [energy_score(head_logits(model, shape(features[start:start + CHUNK_ROWS])).double())
              for start in range(0, len(features), CHUNK_ROWS)]
     return torch.cat(parts).float().to(features.device) if parts else features.new_zeros(0, dtype=torch.float32)

@@ -13,11 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from oodforge.outputs import ModelOutputs, has_interface
+from oodforge.util.errors import ConfigError, OodforgeError
 from oodforge.util.registry import Registry
 from oodforge.util.validation import check_value
 
 
-class NotFittedError(RuntimeError):
+class NotFittedError(OodforgeError, RuntimeError):
     """Raised when ``score`` is called on a detector that needs ``fit`` first."""
 
 
@@ -57,7 +58,7 @@ class Detector:
         """Change parameters (validated); learned state is dropped, so ``fit`` must run again."""
         unknown = sorted(set(params) - set(self.param_names()))
         if unknown:
-            raise ValueError(self._unknown_message(unknown[0]))
+            raise ConfigError(self._unknown_message(unknown[0]))
         for name, value in params.items():
             setattr(self, name, value)
         self.validate()
@@ -157,9 +158,9 @@ class Detector:
             detector = create_detector(payload["detector"], **payload["params"])
             detector.set_state(payload["state"])
         except (OSError, KeyError, TypeError, RuntimeError, pickle.UnpicklingError) as exc:
-            raise ValueError(f"{path} is not a saved oodforge detector: {exc}") from None
+            raise ConfigError(f"{path} is not a saved oodforge detector: {exc}") from None
         if cls is not Detector and not isinstance(detector, cls):
-            raise ValueError(f"{path} holds a {type(detector).__name__}, not a {cls.__name__}")
+            raise ConfigError(f"{path} holds a {type(detector).__name__}, not a {cls.__name__}")
         detector.model_ = model
         detector.fitted_ = True
         return detector
@@ -180,7 +181,7 @@ def size_within(detector: Detector, name: str, limit: int, what: str, warn: bool
         return value
     label = detector._label()
     if value != inspect.signature(type(detector).__init__).parameters[name].default:
-        raise ValueError(f"{label}:{name}={value} is more than the {limit} {what}; choose {name} <= {limit}")
+        raise ConfigError(f"{label}:{name}={value} is more than the {limit} {what}; choose {name} <= {limit}")
     if warn:
         warnings.warn(f"{label}: {name}={value} (the default) is more than the {limit} {what}; using "
                       f"{name}={limit}", stacklevel=2)
@@ -203,7 +204,7 @@ def create_detector(name: str, **kwargs) -> Detector:
     if known is not None:
         unknown = sorted(set(kwargs) - set(known))
         if unknown:
-            raise ValueError(f"{name} has no option {unknown[0]!r}; its options: {', '.join(known) or 'none'}")
+            raise ConfigError(f"{name} has no option {unknown[0]!r}; its options: {', '.join(known) or 'none'}")
     detector = cls(**kwargs)
     return detector.validate() if isinstance(detector, Detector) else detector
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from oodforge.util.errors import ConfigError
+
 CHUNK_BYTES = 256 << 20  # default row chunk: its float64 copy takes at most 256 MiB
 CHUNK_ROWS = 8192  # fixed row block of detectors that score in float64 (8192 x 2048 x 8 B = 128 MiB)
 
@@ -26,7 +28,7 @@ def row_slices(rows: int, dim: int, chunk_rows: int | None = None) -> list[slice
 def check_chunk_rows(chunk_rows: int | None) -> None:
     """Raise a ValueError unless ``chunk_rows`` is None or a positive integer."""
     if chunk_rows is not None and (not isinstance(chunk_rows, int) or chunk_rows < 1):
-        raise ValueError(f"chunk_rows must be None or an integer >= 1, got {chunk_rows!r}")
+        raise ConfigError(f"chunk_rows must be None or an integer >= 1, got {chunk_rows!r}")
 
 
 def column_mean(features: Tensor, chunk_rows: int | None = None) -> Tensor:

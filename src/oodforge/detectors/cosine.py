@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
+from oodforge.util.errors import ConfigError
 
 
 @DETECTORS.register("cosine")
@@ -26,10 +27,10 @@ class MaxCosine(Detector):
 
     def _fit(self, train: ModelOutputs) -> None:  # noqa: ARG002
         if self.model_ is None:
-            raise ValueError("cosine detector needs the model: call fit(train, model)")
+            raise ConfigError("cosine detector needs the model: call fit(train, model)")
         head = getattr(self.model_, "head", None)
         if not callable(getattr(head, "cosine", None)):
-            raise ValueError(
+            raise ConfigError(
                 f"cosine detector needs a cosine head (sphereface, cosface, arcface, adacos); "
                 f"the model's head {type(head).__name__} has no cosine method"
             )

@@ -12,6 +12,7 @@ from oodforge.detectors.chunks import CHUNK_ROWS, column_mean
 from oodforge.detectors.head import linear_head
 from oodforge.detectors.react import percentile
 from oodforge.scores import energy_score
+from oodforge.util.errors import ConfigError
 
 
 @DETECTORS.register("dice")
@@ -37,14 +38,14 @@ class DICE(Detector):
 
     def _check(self) -> None:
         if not 0.0 <= self.sparsity < 100.0:
-            raise ValueError(f"dice: sparsity must be in [0, 100), got {self.sparsity}")
+            raise ConfigError(f"dice: sparsity must be in [0, 100), got {self.sparsity}")
 
     def _fit(self, train: ModelOutputs) -> None:
         self._check()
         weight, bias = linear_head(self.model_, "dice")
         features = train.features.detach()
         if features.ndim != 2 or features.shape[1] != weight.shape[1] or len(features) == 0:
-            raise ValueError(f"dice: train features must be non-empty (N, {weight.shape[1]}) to match the head, "
+            raise ConfigError(f"dice: train features must be non-empty (N, {weight.shape[1]}) to match the head, "
                              f"got {tuple(features.shape)}")
         contribution = weight * column_mean(features, CHUNK_ROWS).cpu()[None, :]
         threshold = percentile(contribution, self.sparsity)
@@ -54,7 +55,7 @@ class DICE(Detector):
     def _score(self, outputs: ModelOutputs) -> Tensor:
         features = outputs.features.detach()
         if features.ndim != 2 or features.shape[1] != self.weight_.shape[1]:
-            raise ValueError(f"dice: features must be (N, {self.weight_.shape[1]}), got {tuple(features.shape)}")
+            raise ConfigError(f"dice: features must be (N, {self.weight_.shape[1]}), got {tuple(features.shape)}")
         weight, bias = self.weight_.to(features.device), self.bias_.to(features.device)
         parts = [energy_score(features[start:start + CHUNK_ROWS].double() @ weight.T + bias)
                  for start in range(0, len(features), CHUNK_ROWS)]

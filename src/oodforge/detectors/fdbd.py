@@ -10,6 +10,7 @@ from torch import Tensor
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
 from oodforge.detectors.chunks import column_mean
 from oodforge.detectors.head import linear_head
+from oodforge.util.errors import ConfigError
 
 
 @DETECTORS.register("fdbd")
@@ -38,23 +39,24 @@ class FDBD(Detector):
 
     def _check(self) -> None:
         if not isinstance(self.distance_as_normalizer, bool):
-            raise ValueError(f"fdbd: distance_as_normalizer must be True or False, got {self.distance_as_normalizer!r}")
+            raise ConfigError(f"fdbd: distance_as_normalizer must be True or False, got "
+                              f"{self.distance_as_normalizer!r}")
         if not self.chunk_rows >= 1:
-            raise ValueError(f"fdbd: chunk_rows must be >= 1, got {self.chunk_rows}")
+            raise ConfigError(f"fdbd: chunk_rows must be >= 1, got {self.chunk_rows}")
 
     def _fit(self, train: ModelOutputs) -> None:
         self._check()
         weight, bias = linear_head(self.model_, "fdbd")
         features = train.features.detach()
         if features.ndim != 2 or len(features) == 0 or features.shape[1] != weight.shape[1]:
-            raise ValueError(f"fdbd: train features must be non-empty (N, {weight.shape[1]}) to match the head, "
+            raise ConfigError(f"fdbd: train features must be non-empty (N, {weight.shape[1]}) to match the head, "
                              f"got {tuple(features.shape)}")
         if weight.shape[0] < 2:
-            raise ValueError(f"fdbd needs a head with at least 2 classes, got {weight.shape[0]}")
+            raise ConfigError(f"fdbd needs a head with at least 2 classes, got {weight.shape[0]}")
         gaps = torch.cdist(weight, weight, compute_mode="donot_use_mm_for_euclid_dist")
         gaps.fill_diagonal_(1.0)  # the predicted class's own term is 0 / 1
         if not (gaps > 0).all():
-            raise ValueError("fdbd: two classes of the head have identical weight vectors (no decision boundary)")
+            raise ConfigError("fdbd: two classes of the head have identical weight vectors (no decision boundary)")
         self.train_mean_ = column_mean(features, self.chunk_rows)
         self.weight_ = weight.to(features.device)
         self.bias_ = bias.to(features.device)
@@ -64,7 +66,7 @@ class FDBD(Detector):
         features = outputs.features.detach()
         dim = self.weight_.shape[1]
         if features.ndim != 2 or features.shape[1] != dim:
-            raise ValueError(f"fdbd: features must have shape (N, {dim}), got {tuple(features.shape)}")
+            raise ConfigError(f"fdbd: features must have shape (N, {dim}), got {tuple(features.shape)}")
         device = features.device
         weight, bias, gaps = self.weight_.to(device), self.bias_.to(device), self.weight_gaps_.to(device)
         mean = self.train_mean_.to(device)

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
+from oodforge.util.errors import ConfigError, MissingPathError
 
 NONFINITE_SCORE = -1e30
 """Score given to a sample whose log-likelihood is NaN or infinite: below every finite score."""
@@ -34,7 +35,7 @@ def build_glow_flow(dim: int, blocks: int = 10, hidden_layers: int = 1) -> nf.No
     zero-initialized last layer. normflows lists flows from the base side, hence the order below.
     """
     if dim < 2:
-        raise ValueError(f"the flow needs features with at least 2 dimensions, got {dim}")
+        raise ConfigError(f"the flow needs features with at least 2 dimensions, got {dim}")
     layers = [(dim + 1) // 2, *([dim] * hidden_layers), 2 * (dim // 2)]
     flows = []
     for _ in range(blocks):
@@ -102,7 +103,7 @@ class FlowDensity(Detector):
         generator = torch.Generator().manual_seed(self.seed)
         train_x, val_x = _split(features, self.val_fraction, generator)
         if len(train_x) < 2:
-            raise ValueError(f"flow needs at least 2 finite training features, got {len(train_x)}")
+            raise ConfigError(f"flow needs at least 2 finite training features, got {len(train_x)}")
         self.device_ = _resolve_device(self.device)
         self.feature_dim_ = features.shape[1]
         self.flow_ = self._new_flow(self.feature_dim_).to(self.device_)
@@ -175,7 +176,7 @@ class FlowDensity(Detector):
         features = features.detach().to("cpu", torch.float32)
         if features.ndim != 2 or (expected is not None and features.shape[1] != expected):
             want = f"(N, {expected})" if expected is not None else "(N, D)"
-            raise ValueError(f"flow features must have shape {want}, got {tuple(features.shape)}")
+            raise ConfigError(f"flow features must have shape {want}, got {tuple(features.shape)}")
         return torch.nn.functional.normalize(features, dim=1) if self.normalize else features
 
     def _new_flow(self, dim: int) -> nf.NormalizingFlow:
@@ -191,13 +192,13 @@ class FlowDensity(Detector):
     def _check_config(self) -> None:
         for name in ("blocks", "hidden_layers", "batch_size", "epochs"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"flow option {name} must be an integer >= 1, got {getattr(self, name)!r}")
+                raise ConfigError(f"flow option {name} must be an integer >= 1, got {getattr(self, name)!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ValueError(f"flow option threads must be None or an integer >= 1, got {self.threads!r}")
+            raise ConfigError(f"flow option threads must be None or an integer >= 1, got {self.threads!r}")
         if not self.lr > 0:
-            raise ValueError(f"flow option lr must be > 0, got {self.lr!r}")
+            raise ConfigError(f"flow option lr must be > 0, got {self.lr!r}")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"flow option val_fraction must be in [0, 1), got {self.val_fraction!r}")
+            raise ConfigError(f"flow option val_fraction must be in [0, 1), got {self.val_fraction!r}")
 
     def get_state(self) -> dict:
         """Feature size, training history and the flow's weights (``save`` writes them)."""
@@ -228,7 +229,7 @@ class FlowDensity(Detector):
             detector.set_state({"feature_dim_": payload["feature_dim"], "history_": payload.get("history", []),
                                 "flow_state": payload["state_dict"]} if legacy else payload["state"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise ValueError(f"{path} is not a valid flow detector file: {exc}") from exc
+            raise ConfigError(f"{path} is not a valid flow detector file: {exc}") from exc
         detector.model_ = model
         detector.fitted_ = True
         return detector
@@ -237,17 +238,17 @@ class FlowDensity(Detector):
 def _read_payload(path: Path) -> dict[str, Any]:
     """The dict saved at ``path``; errors name the file."""
     if not path.is_file():
-        raise FileNotFoundError(f"no flow detector file at {path}")
+        raise MissingPathError(f"no flow detector file at {path}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or truncated file
-        raise ValueError(
+        raise ConfigError(
             f"cannot read flow detector file {path} (corrupt or not a torch file): {exc}"
         ) from exc
     if not isinstance(payload, dict) or payload.get("format") not in (FILE_FORMAT, "oodforge-detector"):
-        raise ValueError(f"{path} is not an oodforge flow detector file (format tag missing)")
+        raise ConfigError(f"{path} is not an oodforge flow detector file (format tag missing)")
     if payload.get("format") == FILE_FORMAT and payload.get("version") != FILE_VERSION:
-        raise ValueError(f"{path} has flow file version {payload.get('version')!r}; expected {FILE_VERSION}")
+        raise ConfigError(f"{path} has flow file version {payload.get('version')!r}; expected {FILE_VERSION}")
     return payload
 
 

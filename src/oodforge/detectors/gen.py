@@ -9,6 +9,7 @@ from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs, size_within
 from oodforge.detectors.chunks import CHUNK_ROWS
+from oodforge.util.errors import ConfigError
 
 
 @DETECTORS.register("gen")
@@ -33,9 +34,9 @@ class GEN(Detector):
 
     def _check(self) -> None:
         if not 0.0 < self.gamma <= 1.0:
-            raise ValueError(f"gen: gamma must be in (0, 1], got {self.gamma}")
+            raise ConfigError(f"gen: gamma must be in (0, 1], got {self.gamma}")
         if isinstance(self.m, bool) or not isinstance(self.m, int) or self.m < 1:
-            raise ValueError(f"gen: m must be an integer >= 1, got {self.m!r}")
+            raise ConfigError(f"gen: m must be an integer >= 1, got {self.m!r}")
 
     def _score(self, outputs: ModelOutputs) -> Tensor:
         logits = outputs.logits.detach()

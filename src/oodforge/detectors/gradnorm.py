@@ -11,6 +11,7 @@ from torch.func import functional_call, grad, vmap
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs, features_and_logits, require_interface
 from oodforge.detectors.chunks import CHUNK_ROWS
+from oodforge.util.errors import ConfigError
 
 GRADIENT_ELEMENTS = 1 << 24  # per-sample gradients held at once by the autograd path (samples x weight size)
 
@@ -38,7 +39,7 @@ class GradNorm(Detector):
 
     def _check(self) -> None:
         if not self.temperature > 0:
-            raise ValueError(f"gradnorm: temperature must be > 0, got {self.temperature}")
+            raise ConfigError(f"gradnorm: temperature must be > 0, got {self.temperature}")
 
     def score(self, model: nn.Module, x: Tensor) -> Tensor:
         model = require_interface(model)
@@ -50,7 +51,7 @@ class GradNorm(Detector):
         """The closed form for a linear head, from features h and logits f = W h + b."""
         features, logits = outputs.features.detach(), outputs.logits.detach()
         if features.ndim != 2 or logits.ndim != 2 or len(features) != len(logits):
-            raise ValueError(f"gradnorm: need (N, D) features and (N, C) logits, got {tuple(features.shape)} "
+            raise ConfigError(f"gradnorm: need (N, D) features and (N, C) logits, got {tuple(features.shape)} "
                              f"and {tuple(logits.shape)}")
         parts = []
         for start in range(0, len(logits), CHUNK_ROWS):
@@ -65,7 +66,7 @@ def head_gradient_norms(head: nn.Module, features: Tensor, temperature: float = 
     """Per-sample || d KL(u || softmax(head(h) / T)) / d head.weight ||_1 by autograd, float32, shape (N,)."""
     params = {name: p.detach() for name, p in head.named_parameters()}
     if "weight" not in params:
-        raise ValueError(f"gradnorm needs a head with a .weight parameter; {type(head).__name__} has none")
+        raise ConfigError(f"gradnorm needs a head with a .weight parameter; {type(head).__name__} has none")
     weight = params["weight"]
     features = features.detach().to(weight.device, weight.dtype)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from oodforge.util.errors import ConfigError
+
 
 def has_linear_head(model: nn.Module | None) -> bool:
     """Whether ``model.head`` is a linear layer with a 2-D ``weight`` (C, D)."""
@@ -15,9 +17,9 @@ def has_linear_head(model: nn.Module | None) -> bool:
 def linear_head(model: nn.Module | None, detector: str = "this detector") -> tuple[Tensor, Tensor]:
     """The head's weight (C, D) and bias (C,) as detached float64 CPU tensors (zeros for no bias)."""
     if model is None or getattr(model, "head", None) is None:
-        raise ValueError(f"{detector} needs the classifier: call fit(train, model) with a model that has .head")
+        raise ConfigError(f"{detector} needs the classifier: call fit(train, model) with a model that has .head")
     if not has_linear_head(model):
-        raise ValueError(f"{detector} needs a linear head with .weight (C, D); "
+        raise ConfigError(f"{detector} needs a linear head with .weight (C, D); "
                          f"{type(model.head).__name__} has none")
     weight = model.head.weight.detach().to("cpu", torch.float64)
     bias = getattr(model.head, "bias", None)

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
 from oodforge.detectors.chunks import CHUNK_ROWS
+from oodforge.util.errors import ConfigError
 
 MATCHES = ("nearest", "predicted")
 
@@ -38,13 +39,13 @@ class KLMatching(Detector):
 
     def _check(self) -> None:
         if self.match not in MATCHES:
-            raise ValueError(f"klm: match must be one of {', '.join(MATCHES)}, got {self.match!r}")
+            raise ConfigError(f"klm: match must be one of {', '.join(MATCHES)}, got {self.match!r}")
 
     def _fit(self, train: ModelOutputs) -> None:
         self._check()
         logits = train.logits.detach()
         if logits.ndim != 2 or len(logits) == 0:
-            raise ValueError(f"klm: need non-empty (N, C) training logits, got {tuple(logits.shape)}")
+            raise ConfigError(f"klm: need non-empty (N, C) training logits, got {tuple(logits.shape)}")
         classes = logits.shape[1]
         sums = torch.zeros(classes, classes, dtype=torch.float64, device=logits.device)
         counts = torch.zeros(classes, dtype=torch.float64, device=logits.device)
@@ -60,7 +61,7 @@ class KLMatching(Detector):
     def _score(self, outputs: ModelOutputs) -> Tensor:
         logits = outputs.logits.detach()
         if logits.ndim != 2 or logits.shape[1] != self.templates_.shape[1]:
-            raise ValueError(f"klm: logits must be (N, {self.templates_.shape[1]}), got {tuple(logits.shape)}")
+            raise ConfigError(f"klm: logits must be (N, {self.templates_.shape[1]}), got {tuple(logits.shape)}")
         parts = [self._block(logits[start:start + CHUNK_ROWS]) for start in range(0, len(logits), CHUNK_ROWS)]
         return torch.cat(parts).float() if parts else logits.new_zeros(0, dtype=torch.float32)
 

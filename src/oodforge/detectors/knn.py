@@ -10,6 +10,7 @@ from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs, size_within
 from oodforge.detectors.chunks import check_chunk_rows, default_chunk_rows, row_slices
+from oodforge.util.errors import ConfigError
 
 TILE_ELEMENTS = 2 << 20  # similarities per query block: 8 MiB of float32 stay in cache (~20% faster than 256 MiB)
 MIN_QUERIES = 16  # but never fewer queries than this per matrix product
@@ -44,20 +45,20 @@ class KNN(Detector):
 
     def _check(self) -> None:
         if self.k < 1:
-            raise ValueError(f"knn: k must be >= 1, got {self.k}")
+            raise ConfigError(f"knn: k must be >= 1, got {self.k}")
         if not self.memory_mb > 0:
-            raise ValueError(f"knn: memory_mb must be > 0, got {self.memory_mb}")
+            raise ConfigError(f"knn: memory_mb must be > 0, got {self.memory_mb}")
         check_chunk_rows(self.chunk_rows)
 
     def _fit(self, train: ModelOutputs) -> None:
         if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
+            raise ConfigError(f"k must be >= 1, got {self.k}")
         if not self.memory_mb > 0:
-            raise ValueError(f"memory_mb must be > 0, got {self.memory_mb}")
+            raise ConfigError(f"memory_mb must be > 0, got {self.memory_mb}")
         check_chunk_rows(self.chunk_rows)
         features = train.features.detach()
         if features.ndim != 2 or len(features) == 0:
-            raise ValueError(f"train features must be non-empty (N, D), got {tuple(features.shape)}")
+            raise ConfigError(f"train features must be non-empty (N, D), got {tuple(features.shape)}")
         self.k_ = size_within(self, "k", len(features), "training features it searches")
         if 4 * features.numel() <= self.memory_mb * 2**20:
             self.train_features_ = normalize(features).contiguous()
@@ -70,7 +71,7 @@ class KNN(Detector):
     def _score(self, outputs: ModelOutputs) -> Tensor:
         dim = self.train_features_.shape[1]
         if outputs.features.ndim != 2 or outputs.features.shape[1] != dim:
-            raise ValueError(f"features must have shape (N, {dim}), got {tuple(outputs.features.shape)}")
+            raise ConfigError(f"features must have shape (N, {dim}), got {tuple(outputs.features.shape)}")
         features = outputs.features.detach()
         if self.index_ is not None:
             similarities, _ = self.index_.search(normalize(features).cpu().numpy(), self.k_)

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs, require_interface
 from oodforge.scores import energy_score
+from oodforge.util.errors import ConfigError
 
 
 @DETECTORS.register("msp")
@@ -38,7 +39,7 @@ class Energy(Detector):
 
     def _check(self) -> None:
         if not self.temperature > 0:
-            raise ValueError(f"energy: temperature must be > 0, got {self.temperature}")
+            raise ConfigError(f"energy: temperature must be > 0, got {self.temperature}")
 
     def _score(self, outputs: ModelOutputs) -> Tensor:
         return energy_score(outputs.logits.float(), self.temperature)
@@ -63,9 +64,9 @@ class ODIN(Detector):
 
     def _check(self) -> None:
         if not self.temperature > 0:
-            raise ValueError(f"odin: temperature must be > 0, got {self.temperature}")
+            raise ConfigError(f"odin: temperature must be > 0, got {self.temperature}")
         if self.epsilon < 0:
-            raise ValueError(f"odin: epsilon must be >= 0, got {self.epsilon}")
+            raise ConfigError(f"odin: epsilon must be >= 0, got {self.epsilon}")
 
     def score(self, model: nn.Module, x: Tensor) -> Tensor:
         model = require_interface(model)

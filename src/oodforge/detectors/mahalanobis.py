@@ -9,6 +9,7 @@ from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
 from oodforge.detectors.chunks import check_chunk_rows, row_slices
+from oodforge.util.errors import ConfigError
 
 
 @DETECTORS.register("mahalanobis")
@@ -33,19 +34,19 @@ class Mahalanobis(Detector):
 
     def _check(self) -> None:
         if self.ridge < 0:
-            raise ValueError(f"mahalanobis: ridge must be >= 0, got {self.ridge}")
+            raise ConfigError(f"mahalanobis: ridge must be >= 0, got {self.ridge}")
         check_chunk_rows(self.chunk_rows)
 
     def _fit(self, train: ModelOutputs) -> None:
         if train.labels is None:
-            raise ValueError("mahalanobis needs labelled training outputs (train.labels is None)")
+            raise ConfigError("mahalanobis needs labelled training outputs (train.labels is None)")
         if self.ridge < 0:
-            raise ValueError(f"ridge must be >= 0, got {self.ridge}")
+            raise ConfigError(f"ridge must be >= 0, got {self.ridge}")
         check_chunk_rows(self.chunk_rows)
         features = train.features.detach()
         labels = train.labels.detach().to(features.device)
         if features.ndim != 2 or len(features) == 0 or labels.shape != (len(features),):
-            raise ValueError(
+            raise ConfigError(
                 f"train features must be non-empty (N, D) with labels (N,), got {tuple(features.shape)} and "
                 f"{tuple(labels.shape)}"
             )
@@ -59,7 +60,7 @@ class Mahalanobis(Detector):
         features = outputs.features.detach()
         dim = self.whitening_.shape[0]
         if features.ndim != 2 or features.shape[1] != dim:
-            raise ValueError(f"features must have shape (N, {dim}), got {tuple(features.shape)}")
+            raise ConfigError(f"features must have shape (N, {dim}), got {tuple(features.shape)}")
         parts = []
         for rows in row_slices(len(features), dim, self.chunk_rows):
             whitened = features[rows].to(self.whitening_.device, torch.float64) @ self.whitening_

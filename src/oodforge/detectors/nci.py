@@ -10,6 +10,7 @@ from torch import Tensor
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
 from oodforge.detectors.chunks import column_mean
 from oodforge.detectors.head import linear_head
+from oodforge.util.errors import ConfigError
 
 
 @DETECTORS.register("nci")
@@ -36,16 +37,16 @@ class NCI(Detector):
 
     def _check(self) -> None:
         if not self.alpha >= 0:
-            raise ValueError(f"nci: alpha must be >= 0, got {self.alpha}")
+            raise ConfigError(f"nci: alpha must be >= 0, got {self.alpha}")
         if not self.chunk_rows >= 1:
-            raise ValueError(f"nci: chunk_rows must be >= 1, got {self.chunk_rows}")
+            raise ConfigError(f"nci: chunk_rows must be >= 1, got {self.chunk_rows}")
 
     def _fit(self, train: ModelOutputs) -> None:
         self._check()
         weight, bias = linear_head(self.model_, "nci")
         features = train.features.detach()
         if features.ndim != 2 or len(features) == 0 or features.shape[1] != weight.shape[1]:
-            raise ValueError(f"nci: train features must be non-empty (N, {weight.shape[1]}) to match the head, "
+            raise ConfigError(f"nci: train features must be non-empty (N, {weight.shape[1]}) to match the head, "
                              f"got {tuple(features.shape)}")
         self.train_mean_ = column_mean(features, self.chunk_rows)
         self.weight_ = weight.to(features.device)
@@ -55,7 +56,7 @@ class NCI(Detector):
         features = outputs.features.detach()
         dim = self.weight_.shape[1]
         if features.ndim != 2 or features.shape[1] != dim:
-            raise ValueError(f"nci: features must have shape (N, {dim}), got {tuple(features.shape)}")
+            raise ConfigError(f"nci: features must have shape (N, {dim}), got {tuple(features.shape)}")
         device = features.device
         weight, bias, mean = self.weight_.to(device), self.bias_.to(device), self.train_mean_.to(device)
         parts = []

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs, size_within
+from oodforge.util.errors import ConfigError
 
 SIMILARITY_ELEMENTS = 1 << 24  # at most this many query-bank similarities per block (128 MiB of float64)
 
@@ -41,17 +42,17 @@ class NNGuide(Detector):
 
     def _check(self) -> None:
         if not self.k >= 1:
-            raise ValueError(f"nnguide: k must be >= 1, got {self.k}")
+            raise ConfigError(f"nnguide: k must be >= 1, got {self.k}")
         if not 0 < self.bank_fraction <= 1:
-            raise ValueError(f"nnguide: bank_fraction must be in (0, 1], got {self.bank_fraction}")
+            raise ConfigError(f"nnguide: bank_fraction must be in (0, 1], got {self.bank_fraction}")
         if not self.chunk_rows >= 1:
-            raise ValueError(f"nnguide: chunk_rows must be >= 1, got {self.chunk_rows}")
+            raise ConfigError(f"nnguide: chunk_rows must be >= 1, got {self.chunk_rows}")
 
     def _fit(self, train: ModelOutputs) -> None:
         self._check()
         features, logits = train.features.detach(), train.logits.detach()
         if features.ndim != 2 or len(features) == 0 or logits.ndim != 2 or len(logits) != len(features):
-            raise ValueError(f"nnguide: train features (N, D) and logits (N, C) must be non-empty with equal N, "
+            raise ConfigError(f"nnguide: train features (N, D) and logits (N, C) must be non-empty with equal N, "
                              f"got {tuple(features.shape)} and {tuple(logits.shape)}")
         size = max(1, int(len(features) * self.bank_fraction))
         self.bank_indices_ = sample_rows(len(features), size, self.seed)
@@ -68,7 +69,7 @@ class NNGuide(Detector):
         features, logits = outputs.features.detach(), outputs.logits.detach()
         dim = self.bank_.shape[1]
         if features.ndim != 2 or features.shape[1] != dim:
-            raise ValueError(f"nnguide: features must have shape (N, {dim}), got {tuple(features.shape)}")
+            raise ConfigError(f"nnguide: features must have shape (N, {dim}), got {tuple(features.shape)}")
         bank = self.bank_.to(features.device)
         block = max(1, min(self.chunk_rows, SIMILARITY_ELEMENTS // len(bank)))
         parts = []

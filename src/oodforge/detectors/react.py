@@ -9,6 +9,7 @@ from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
 from oodforge.scores import energy_score
+from oodforge.util.errors import ConfigError
 
 
 @DETECTORS.register("react")
@@ -29,7 +30,7 @@ class ReAct(Detector):
 
     def _check(self) -> None:
         if not 0.0 <= self.percentile <= 100.0:
-            raise ValueError(f"react: percentile must be in [0, 100], got {self.percentile}")
+            raise ConfigError(f"react: percentile must be in [0, 100], got {self.percentile}")
 
     def supports(self, model) -> bool:
         """Any module head maps clipped features to logits."""
@@ -37,10 +38,10 @@ class ReAct(Detector):
 
     def _fit(self, train: ModelOutputs) -> None:
         if getattr(self.model_, "head", None) is None:
-            raise ValueError("react needs the classifier: call fit(train, model) with a model that has .head")
+            raise ConfigError("react needs the classifier: call fit(train, model) with a model that has .head")
         self._check()
         if train.features.numel() == 0:
-            raise ValueError("react needs non-empty training features")
+            raise ConfigError("react needs non-empty training features")
         self.threshold_ = percentile(train.features.detach(), self.percentile)
 
     def _score(self, outputs: ModelOutputs) -> Tensor:

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
 from oodforge.detectors.nnguide import sample_rows
+from oodforge.util.errors import ConfigError
 
 QUERY_TILE, BANK_TILE = 256, 4096  # one kernel tile: 4 MiB of float32, so it stays in cache (2x faster)
 
@@ -51,19 +52,19 @@ class Relation(Detector):
 
     def _check(self) -> None:
         if not self.power > 0:
-            raise ValueError(f"relation: power must be > 0, got {self.power}")
+            raise ConfigError(f"relation: power must be > 0, got {self.power}")
         if not self.threshold >= 0:
-            raise ValueError(f"relation: threshold must be >= 0, got {self.threshold}")
+            raise ConfigError(f"relation: threshold must be >= 0, got {self.threshold}")
         if self.bank_size is not None and not self.bank_size >= 1:
-            raise ValueError(f"relation: bank_size must be None or >= 1, got {self.bank_size}")
+            raise ConfigError(f"relation: bank_size must be None or >= 1, got {self.bank_size}")
         if not self.chunk_rows >= 1:
-            raise ValueError(f"relation: chunk_rows must be >= 1, got {self.chunk_rows}")
+            raise ConfigError(f"relation: chunk_rows must be >= 1, got {self.chunk_rows}")
 
     def _fit(self, train: ModelOutputs) -> None:
         self._check()
         features, logits = train.features.detach(), train.logits.detach()
         if features.ndim != 2 or len(features) == 0 or logits.ndim != 2 or len(logits) != len(features):
-            raise ValueError(f"relation: train features (N, D) and logits (N, C) must be non-empty with equal N, "
+            raise ConfigError(f"relation: train features (N, D) and logits (N, C) must be non-empty with equal N, "
                              f"got {tuple(features.shape)} and {tuple(logits.shape)}")
         self.bank_indices_ = sample_rows(len(features), self.bank_size, self.seed)
         bank_features, bank_probabilities = [], []
@@ -78,7 +79,7 @@ class Relation(Detector):
         features, logits = outputs.features.detach(), outputs.logits.detach()
         dim, classes = self.bank_features_.shape[1], self.bank_probabilities_.shape[1]
         if features.ndim != 2 or features.shape[1] != dim or logits.shape != (len(features), classes):
-            raise ValueError(f"relation: features must be (N, {dim}) and logits (N, {classes}), got "
+            raise ConfigError(f"relation: features must be (N, {dim}) and logits (N, {classes}), got "
                              f"{tuple(features.shape)} and {tuple(logits.shape)}")
         device = features.device
         bank_features, bank_probabilities = self.bank_features_.to(device), self.bank_probabilities_.to(device)

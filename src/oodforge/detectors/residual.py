@@ -9,6 +9,7 @@ from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
 from oodforge.detectors.head import linear_head
+from oodforge.util.errors import ConfigError
 
 
 @DETECTORS.register("residual")
@@ -36,9 +37,9 @@ class Residual(Detector):
 
     def _check(self) -> None:
         if self.dim is not None and not self.dim >= 1:
-            raise ValueError(f"residual: dim must be None or >= 1, got {self.dim}")
+            raise ConfigError(f"residual: dim must be None or >= 1, got {self.dim}")
         if not self.chunk_rows >= 1:
-            raise ValueError(f"residual: chunk_rows must be >= 1, got {self.chunk_rows}")
+            raise ConfigError(f"residual: chunk_rows must be >= 1, got {self.chunk_rows}")
 
     def _fit(self, train: ModelOutputs) -> None:
         self._check()
@@ -46,11 +47,11 @@ class Residual(Detector):
         features = train.features.detach()
         width = weight.shape[1]
         if features.ndim != 2 or len(features) == 0 or features.shape[1] != width:
-            raise ValueError(f"residual: train features must be non-empty (N, {width}) to match the head, "
+            raise ConfigError(f"residual: train features must be non-empty (N, {width}) to match the head, "
                              f"got {tuple(features.shape)}")
         dim = min(width // 2, 512) if self.dim is None else self.dim
         if not 1 <= dim < width:
-            raise ValueError(f"residual: dim must be in [1, {width - 1}] for D={width}, got {dim}")
+            raise ConfigError(f"residual: dim must be in [1, {width - 1}] for D={width}, got {dim}")
         weight, bias = weight.to(features.device), bias.to(features.device)
         self.origin_ = -(torch.linalg.pinv(weight) @ bias)
         moment = torch.zeros(width, width, dtype=torch.float64, device=features.device)
@@ -64,7 +65,7 @@ class Residual(Detector):
         features = outputs.features.detach()
         width = self.origin_.shape[0]
         if features.ndim != 2 or features.shape[1] != width:
-            raise ValueError(f"residual: features must have shape (N, {width}), got {tuple(features.shape)}")
+            raise ConfigError(f"residual: features must have shape (N, {width}), got {tuple(features.shape)}")
         origin, basis = self.origin_.to(features.device), self.residual_basis_.to(features.device)
         parts = [
             -((features[start:start + self.chunk_rows].to(torch.float64) - origin) @ basis).norm(dim=1)

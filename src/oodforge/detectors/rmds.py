@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
+from oodforge.util.errors import ConfigError
 
 
 @DETECTORS.register("rmds")
@@ -35,16 +36,16 @@ class RMDS(Detector):
 
     def _check(self) -> None:
         if not self.chunk_rows >= 1:
-            raise ValueError(f"rmds: chunk_rows must be >= 1, got {self.chunk_rows}")
+            raise ConfigError(f"rmds: chunk_rows must be >= 1, got {self.chunk_rows}")
 
     def _fit(self, train: ModelOutputs) -> None:
         self._check()
         if train.labels is None:
-            raise ValueError("rmds needs labelled training outputs (train.labels is None)")
+            raise ConfigError("rmds needs labelled training outputs (train.labels is None)")
         features = train.features.detach()
         labels = train.labels.detach().to(features.device)
         if features.ndim != 2 or len(features) == 0 or labels.shape != (len(features),):
-            raise ValueError(f"rmds: train features must be non-empty (N, D) with labels (N,), got "
+            raise ConfigError(f"rmds: train features must be non-empty (N, D) with labels (N,), got "
                              f"{tuple(features.shape)} and {tuple(labels.shape)}")
         self.classes_, inverse = torch.unique(labels, return_inverse=True)
         means, background_mean = self._means(features, inverse, len(self.classes_))
@@ -81,7 +82,7 @@ class RMDS(Detector):
         features = outputs.features.detach()
         dim = self.whitening_.shape[0]
         if features.ndim != 2 or features.shape[1] != dim:
-            raise ValueError(f"rmds: features must have shape (N, {dim}), got {tuple(features.shape)}")
+            raise ConfigError(f"rmds: features must have shape (N, {dim}), got {tuple(features.shape)}")
         device = features.device
         whitening, means = self.whitening_.to(device), self.whitened_means_.to(device)
         background_whitening, background_mean = self.background_whitening_.to(device), self.background_mean_.to(device)

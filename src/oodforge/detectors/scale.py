@@ -8,6 +8,7 @@ from torch import Tensor
 
 from oodforge.detectors.ash import classifier, kept_count, safe_ratio, shaped_energy
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
+from oodforge.util.errors import ConfigError
 
 
 @DETECTORS.register("scale")
@@ -31,7 +32,7 @@ class SCALE(Detector):
 
     def _check(self) -> None:
         if not 0.0 <= self.percentile < 100.0:
-            raise ValueError(f"scale: percentile must be in [0, 100), got {self.percentile}")
+            raise ConfigError(f"scale: percentile must be in [0, 100), got {self.percentile}")
 
     def _fit(self, train: ModelOutputs) -> None:  # noqa: ARG002
         self._check()

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
 from oodforge.scores import energy_score, normalized_class_means, representation_score
+from oodforge.util.errors import ConfigError
 
 
 @DETECTORS.register("representation")
@@ -34,7 +35,7 @@ class Representation(Detector):
             self.centres_ = model_centres.detach().float()
             self.centre_source_ = "model"
         elif train.labels is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self).__name__} needs class centres: the model has no 'class_centres' and "
                 "the training outputs have no labels to fit class means from"
             )
@@ -42,7 +43,7 @@ class Representation(Detector):
             self.centres_ = normalized_class_means(train.features, train.labels)
             self.centre_source_ = "class_means"
         if self.centres_.ndim != 2 or self.centres_.shape[1] != train.features.shape[1]:
-            raise ValueError(
+            raise ConfigError(
                 f"class centres of shape {tuple(self.centres_.shape)} do not fit features of "
                 f"dimension {train.features.shape[1]}"
             )
@@ -72,7 +73,7 @@ class SemanticEnergy(Representation):
 
     def _check(self) -> None:
         if not self.temperature > 0:
-            raise ValueError(f"semantic_energy: temperature must be positive, got {self.temperature}")
+            raise ConfigError(f"semantic_energy: temperature must be positive, got {self.temperature}")
 
     def _score(self, outputs: ModelOutputs) -> Tensor:
         energy = energy_score(outputs.logits.float(), self.temperature)

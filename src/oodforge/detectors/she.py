@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
+from oodforge.util.errors import ConfigError
 
 METRICS = ("inner_product", "euclidean", "cosine")
 
@@ -39,24 +40,24 @@ class SHE(Detector):
 
     def _check(self) -> None:
         if self.metric not in METRICS:
-            raise ValueError(f"she: metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
+            raise ConfigError(f"she: metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
         if not self.chunk_rows >= 1:
-            raise ValueError(f"she: chunk_rows must be >= 1, got {self.chunk_rows}")
+            raise ConfigError(f"she: chunk_rows must be >= 1, got {self.chunk_rows}")
 
     def _fit(self, train: ModelOutputs) -> None:
         self._check()
         if train.labels is None:
-            raise ValueError("she needs labelled training outputs (train.labels is None)")
+            raise ConfigError("she needs labelled training outputs (train.labels is None)")
         features, logits = train.features.detach(), train.logits.detach()
         labels = train.labels.detach().to(features.device).long()
         if features.ndim != 2 or len(features) == 0 or logits.ndim != 2 or len(logits) != len(features) \
                 or labels.shape != (len(features),):
-            raise ValueError(f"she: train features (N, D), logits (N, C) and labels (N,) must be non-empty with equal "
+            raise ConfigError(f"she: train features (N, D), logits (N, C) and labels (N,) must be non-empty with equal "
                              f"N, got {tuple(features.shape)}, {tuple(logits.shape)} and {tuple(labels.shape)}")
         classes = logits.shape[1]
         low, high = labels.min().item(), labels.max().item()
         if low < 0 or high >= classes:
-            raise ValueError(f"she: labels must be class indices in [0, {classes}), got {low}..{high}")
+            raise ConfigError(f"she: labels must be class indices in [0, {classes}), got {low}..{high}")
         correct_sums, correct_counts, all_sums, all_counts = self._sums(features, logits, labels, classes)
         has_correct = correct_counts > 0
         if not has_correct.all():
@@ -85,7 +86,7 @@ class SHE(Detector):
         features, logits = outputs.features.detach(), outputs.logits.detach()
         classes, dim = self.patterns_.shape
         if features.ndim != 2 or features.shape[1] != dim or logits.shape != (len(features), classes):
-            raise ValueError(f"she: features must be (N, {dim}) and logits (N, {classes}), got "
+            raise ConfigError(f"she: features must be (N, {dim}) and logits (N, {classes}), got "
                              f"{tuple(features.shape)} and {tuple(logits.shape)}")
         patterns = self.patterns_.to(features.device)
         parts = []

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
 from oodforge.detectors.chunks import CHUNK_ROWS
+from oodforge.util.errors import ConfigError
 
 T_MIN, T_MAX = 1e-2, 1e2  # the fitted temperature is searched in [T_MIN, T_MAX]
 
@@ -36,7 +37,7 @@ class TemperatureScaling(Detector):
 
     def _check(self) -> None:
         if self.temperature is not None and not self.temperature > 0:
-            raise ValueError(f"temperature: temperature must be > 0 or None (fit it), got {self.temperature}")
+            raise ConfigError(f"temperature: temperature must be > 0 or None (fit it), got {self.temperature}")
 
     def _fit(self, train: ModelOutputs) -> None:
         self._check()
@@ -45,12 +46,12 @@ class TemperatureScaling(Detector):
             return
         logits, labels = train.logits.detach(), train.labels
         if labels is None:
-            raise ValueError("temperature: fitting T needs labelled outputs (ID validation or training data)")
+            raise ConfigError("temperature: fitting T needs labelled outputs (ID validation or training data)")
         if logits.ndim != 2 or len(logits) == 0 or labels.shape != (len(logits),):
-            raise ValueError(f"temperature: need non-empty (N, C) logits and (N,) labels, got "
+            raise ConfigError(f"temperature: need non-empty (N, C) logits and (N,) labels, got "
                              f"{tuple(logits.shape)} and {tuple(labels.shape)}")
         if bool((labels < 0).any()) or bool((labels >= logits.shape[1]).any()):
-            raise ValueError(f"temperature: labels must be class indices in [0, {logits.shape[1] - 1}]")
+            raise ConfigError(f"temperature: labels must be class indices in [0, {logits.shape[1] - 1}]")
         self.temperature_ = fit_temperature(logits, labels)
 
     def _score(self, outputs: ModelOutputs) -> Tensor:

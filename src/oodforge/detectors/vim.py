@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
 from oodforge.detectors.chunks import check_chunk_rows, row_slices
 from oodforge.scores import energy_score
+from oodforge.util.errors import ConfigError
 
 
 @DETECTORS.register("vim")
@@ -36,7 +37,7 @@ class ViM(Detector):
 
     def _check(self) -> None:
         if self.dim is not None and self.dim < 1:
-            raise ValueError(f"vim: dim must be None or >= 1, got {self.dim}")
+            raise ConfigError(f"vim: dim must be None or >= 1, got {self.dim}")
         check_chunk_rows(self.chunk_rows)
 
     def _fit(self, train: ModelOutputs) -> None:
@@ -45,14 +46,14 @@ class ViM(Detector):
         features, logits = train.features.detach(), train.logits.detach()
         width = weight.shape[1]
         if features.ndim != 2 or features.shape[1] != width or len(features) == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"train features must be non-empty (N, {width}) to match the head, got {tuple(features.shape)}"
             )
         if logits.ndim != 2 or len(logits) != len(features):
-            raise ValueError(f"train logits must be ({len(features)}, C), got {tuple(logits.shape)}")
+            raise ConfigError(f"train logits must be ({len(features)}, C), got {tuple(logits.shape)}")
         dim = min(width // 2, 512) if self.dim is None else self.dim
         if not 1 <= dim < width:
-            raise ValueError(f"dim must be in [1, {width - 1}] for D={width}, got {dim}")
+            raise ConfigError(f"dim must be in [1, {width - 1}] for D={width}, got {dim}")
         weight, bias = weight.to(features.device, torch.float64), bias.to(features.device, torch.float64)
         self.origin_ = -(torch.linalg.pinv(weight) @ bias)
         moment = weight.new_zeros(width, width)
@@ -63,7 +64,7 @@ class ViM(Detector):
         self.residual_basis_ = eigenvectors[:, : width - dim]
         residual_mean = self._residual_norm(features).mean()
         if residual_mean <= 0:
-            raise ValueError(f"training features have no residual outside a {dim}-d subspace; lower dim")
+            raise ConfigError(f"training features have no residual outside a {dim}-d subspace; lower dim")
         max_logit_sum = sum(
             logits[rows].max(dim=1).values.double().sum()
             for rows in row_slices(len(logits), logits.shape[1], self.chunk_rows)
@@ -81,7 +82,7 @@ class ViM(Detector):
     def _score(self, outputs: ModelOutputs) -> Tensor:
         dim = self.origin_.shape[0]
         if outputs.features.ndim != 2 or outputs.features.shape[1] != dim:
-            raise ValueError(f"features must have shape (N, {dim}), got {tuple(outputs.features.shape)}")
+            raise ConfigError(f"features must have shape (N, {dim}), got {tuple(outputs.features.shape)}")
         virtual_logit = self.alpha_ * self._residual_norm(outputs.features.detach())
         logits = outputs.logits.detach()
         parts = [
@@ -96,10 +97,10 @@ def _head_parameters(model: nn.Module | None) -> tuple[Tensor, Tensor]:
     """The head's weight (C, D) and bias (C,), zeros when it has none; a ValueError otherwise."""
     head = getattr(model, "head", None)
     if head is None:
-        raise ValueError("vim needs the classifier: call fit(train, model) with a model that has .head")
+        raise ConfigError("vim needs the classifier: call fit(train, model) with a model that has .head")
     weight = getattr(head, "weight", None)
     if not isinstance(weight, Tensor) or weight.ndim != 2:
-        raise ValueError(f"vim needs a linear head with .weight (C, D); {type(head).__name__} has none")
+        raise ConfigError(f"vim needs a linear head with .weight (C, D); {type(head).__name__} has none")
     bias = getattr(head, "bias", None)
     if not isinstance(bias, Tensor):
         bias = weight.new_zeros(weight.shape[0])

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor
 
+from oodforge.util.errors import ConfigError
+
 
 def uniformity(
     features: Tensor, t: float = 2.0, max_samples: int | None = 4096, seed: int = 0, chunk: int = 1024
@@ -21,13 +23,13 @@ def uniformity(
     z = _normalized(features, "features")
     if max_samples is not None:
         if max_samples < 2:
-            raise ValueError(f"max_samples must be >= 2 or None, got {max_samples}")
+            raise ConfigError(f"max_samples must be >= 2 or None, got {max_samples}")
         if len(z) > max_samples:
             generator = torch.Generator().manual_seed(seed)
             z = z[torch.randperm(len(z), generator=generator)[:max_samples]]
     n = len(z)
     if n < 2:
-        raise ValueError(f"uniformity needs at least 2 feature vectors, got {n}")
+        raise ConfigError(f"uniformity needs at least 2 feature vectors, got {n}")
     squared_norms = z.square().sum(dim=1)
     row_sums = []
     for start in range(0, n, chunk):
@@ -51,7 +53,7 @@ def tolerance(features: Tensor, labels: Tensor) -> float:
     z = _normalized(features, "features")
     labels = torch.as_tensor(labels).to(z.device)
     if labels.shape != (len(z),):
-        raise ValueError(f"labels must have shape ({len(z)},), got {tuple(labels.shape)}")
+        raise ConfigError(f"labels must have shape ({len(z)},), got {tuple(labels.shape)}")
     per_class = []
     for label in torch.unique(labels):
         members = z[labels == label]
@@ -60,7 +62,7 @@ def tolerance(features: Tensor, labels: Tensor) -> float:
             pair_sum = members.sum(dim=0).square().sum() - members.square().sum()
             per_class.append(pair_sum / (n * (n - 1)))
     if not per_class:
-        raise ValueError("tolerance needs at least one class with 2 or more samples")
+        raise ConfigError("tolerance needs at least one class with 2 or more samples")
     return torch.stack(per_class).mean().item()
 
 
@@ -68,5 +70,5 @@ def _normalized(features: Tensor, name: str) -> Tensor:
     """``features`` as float64 (N, D) rows scaled to unit L2 norm (zero rows stay zero)."""
     features = torch.as_tensor(features).detach()
     if features.ndim != 2:
-        raise ValueError(f"{name} must have shape (N, D), got {tuple(features.shape)}")
+        raise ConfigError(f"{name} must have shape (N, D), got {tuple(features.shape)}")
     return torch.nn.functional.normalize(features.double(), dim=1)

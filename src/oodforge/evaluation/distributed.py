@@ -16,13 +16,14 @@ from oodforge.detectors.base import ModelOutputs
 from oodforge.evaluation.cache import OutputCache
 from oodforge.evaluation.extraction import Images, compute_outputs
 from oodforge.evaluation.sets import fit_images, scored_sets
+from oodforge.util.errors import ConfigError
 from oodforge.util.precision import resolve_precision
 
 
 def shard_range(rows: int, rank: int, world: int) -> range:
     """The contiguous rows of process ``rank`` of ``world``; the shards cover ``range(rows)`` once."""
     if not 0 <= rank < world:
-        raise ValueError(f"rank must be in [0, {world}), got {rank}")
+        raise ConfigError(f"rank must be in [0, {world}), got {rank}")
     return range(rows * rank // world, rows * (rank + 1) // world)
 
 

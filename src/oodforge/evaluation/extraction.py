@@ -22,6 +22,7 @@ from oodforge.data.streaming import FileImageSet
 from oodforge.detectors.base import features_and_logits
 from oodforge.models.adapters import classifier_view
 from oodforge.outputs import ModelOutputs
+from oodforge.util.errors import ConfigError
 from oodforge.util.precision import autocast
 from oodforge.util.progress import progress_bar
 
@@ -103,7 +104,7 @@ def extract_outputs(model: nn.Module, data: Data, device: torch.device | str | N
         logits.append(lg)
         labels.append(y)
     if not logits:
-        raise ValueError("data yielded no batches")
+        raise ConfigError("data yielded no batches")
     has_labels = all(y is not None for y in labels)
     return ModelOutputs(torch.cat(logits), torch.cat(features),
                         torch.cat([y.long() for y in labels]) if has_labels else None)

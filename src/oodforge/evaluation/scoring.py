@@ -15,6 +15,7 @@ from oodforge.evaluation.extraction import split_batch
 from oodforge.evaluation.metrics import accuracy, ood_metrics
 from oodforge.evaluation.result import Evaluation
 from oodforge.evaluation.specs import build_detector
+from oodforge.util.errors import DivergedError
 from oodforge.util.precision import autocast, resolve_precision
 from oodforge.util.progress import progress_bar
 
@@ -88,7 +89,7 @@ def score_sets(model: torch.nn.Module, detectors: dict[str, dict], outputs: dict
             bar.advance(task)
     names = [n for n in names if n not in evaluation.failed]
     if not names and evaluation.failed:
-        raise FloatingPointError("no detector gave finite scores: " + next(iter(evaluation.failed.values()))["error"])
+        raise DivergedError("no detector gave finite scores: " + next(iter(evaluation.failed.values()))["error"])
     evaluation.results = results_table(evaluation.scores, id_name, groups, names, method)
     for detector in list(evaluation.detectors):
         if detector in evaluation.failed:

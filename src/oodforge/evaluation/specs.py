@@ -7,6 +7,7 @@ from pathlib import Path
 
 from oodforge.detectors import DETECTORS, Detector, create_detector
 from oodforge.detectors.base import registered_name
+from oodforge.util.errors import ConfigError, MissingPathError
 from oodforge.util.validation import parse_options
 
 
@@ -37,7 +38,7 @@ def parse_detector_spec(spec: str) -> dict[str, dict]:
         else:
             detectors[name] = options
     if not detectors:
-        raise ValueError("no detector named")
+        raise ConfigError("no detector named")
     return detectors
 
 
@@ -75,7 +76,7 @@ def detector_options(detectors: str | list[str] | dict[str, dict]) -> dict[str, 
 def load_fitted_detectors(folder: Path, detectors: dict[str, dict]) -> dict[str, Detector]:
     """Detectors saved by an earlier run (``<folder>/<label>.pt``, e.g. the flow), reloaded."""
     if not folder.is_dir():
-        raise FileNotFoundError(f"--detector-dir {folder} is not a folder")
+        raise MissingPathError(f"--detector-dir {folder} is not a folder")
     fitted = {}
     for label, options in detectors.items():
         path = folder / f"{label}.pt"

@@ -25,6 +25,7 @@ from oodforge.evaluation.extraction import image_loader
 from oodforge.evaluation.metrics import ood_metrics
 from oodforge.evaluation.scoring import input_scores
 from oodforge.evaluation.specs import build_detector
+from oodforge.util.errors import ConfigError
 from oodforge.util.progress import progress_bar
 
 MAX_TRIALS = 64  # a search space larger than this is cut to its first MAX_TRIALS combinations
@@ -85,7 +86,7 @@ def tune(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, dict
     model = model.to(device).eval()
     apart = validation_sets_apart(benchmark, outliers)
     if apart and set(apart) >= set(benchmark.val.get("ood", {})):
-        raise ValueError(f"every validation OOD set of benchmark {benchmark.name!r} shares its source with the "
+        raise ConfigError(f"every validation OOD set of benchmark {benchmark.name!r} shares its source with the "
                          f"training outliers {outliers!r}; tune on a benchmark with other validation sets")
     fit_images, val_id = benchmark.split_train(root)
     val_ood = {n: s for n, s in benchmark.val_ood_sets(root).items() if n not in apart}
@@ -150,7 +151,7 @@ def _search(label: str, options: dict, trials: list[dict], model, train, outputs
                         **({"error": record["error"]} if "error" in record else {})})
     finite = [i for i, r in enumerate(results) if np.isfinite(r["val_auroc"])]
     if not finite:
-        raise ValueError(f"tuning {label}: every trial gave non-finite validation scores")
+        raise ConfigError(f"tuning {label}: every trial gave non-finite validation scores")
     best = max(finite, key=lambda i: results[i]["val_auroc"])
     space = {k: v for k, v in type(build_detector(label, options)).search_space.items() if k in trials[0]}
     return ({"space": space, "chosen": results[best]["params"], "val_auroc": results[best]["val_auroc"],

@@ -31,6 +31,7 @@ from oodforge.data.synthetic import SyntheticSet
 from oodforge.generate.sample_chunks import SampleChunks, job_key
 from oodforge.models.classifier import CheckpointError, file_hash, read_checkpoint
 from oodforge.util.atomic import atomic_torch_save
+from oodforge.util.errors import ConfigError
 from oodforge.util.precision import cpu_has_native_bf16
 
 CHECKPOINT_NAME = "diffusion.ckpt"
@@ -66,17 +67,17 @@ class DiffusionConfig:
         self.block_out_channels = tuple(int(c) for c in self.block_out_channels)
         factor = 2 ** (len(self.block_out_channels) - 1)
         if self.image_size % factor:
-            raise ValueError(f"image_size {self.image_size} must be divisible by {factor} for "
+            raise ConfigError(f"image_size {self.image_size} must be divisible by {factor} for "
                              f"{len(self.block_out_channels)} UNet levels (block_out_channels)")
         if self.num_classes < 1 or self.channels < 1:
-            raise ValueError(f"num_classes and channels must be >= 1, got {self.num_classes}, "
+            raise ConfigError(f"num_classes and channels must be >= 1, got {self.num_classes}, "
                              f"{self.channels}")
         if not 0.0 <= self.cfg_dropout < 1.0:
-            raise ValueError(f"cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
+            raise ConfigError(f"cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+            raise ConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
+            raise ConfigError(f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
 
     @property
     def null_class(self) -> int:
@@ -106,7 +107,7 @@ def preset_for(image_size: int, channels: int, num_classes: int, preset: str = "
     where the CPU runs it natively. The GPU preset (41M parameters) is the usual 32x32 DDPM size.
     """
     if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+        raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     if preset == "auto":
         preset = "cpu" if not on_gpu or (channels == 1 and image_size <= 32) else "gpu"
     if preset == "cpu" and channels == 1 and image_size <= 32:
@@ -178,7 +179,7 @@ def interpolate_embeddings(table: Tensor, i: Tensor | int, j: Tensor | int, alph
     i, j = torch.as_tensor(i, device=table.device), torch.as_tensor(j, device=table.device)
     alpha = torch.as_tensor(alpha, dtype=table.dtype, device=table.device)
     if alpha.numel() and (alpha.min() < 0 or alpha.max() > 1):
-        raise ValueError("alpha must lie in [0, 1]")
+        raise ConfigError("alpha must lie in [0, 1]")
     alpha = alpha.unsqueeze(-1)
     return alpha * table[i] + (1 - alpha) * table[j]
 
@@ -403,11 +404,11 @@ def _config_from_checkpoint(checkpoint: dict, path: Path) -> DiffusionConfig:
 def _check_training_images(images: ImageSet, config: DiffusionConfig) -> None:
     expected = (config.image_size, config.image_size, config.channels)
     if images.image_shape != expected:
-        raise ValueError(f"{images.name}: images are {images.image_shape} (H, W, C) but the diffusion "
+        raise ConfigError(f"{images.name}: images are {images.image_shape} (H, W, C) but the diffusion "
                          f"config expects {expected}")
     labels = np.asarray(images.labels)
     if len(labels) == 0 or labels.min() < 0 or labels.max() >= config.num_classes:
-        raise ValueError(f"{images.name}: labels must lie in [0, {config.num_classes}) for class-conditional "
+        raise ConfigError(f"{images.name}: labels must lie in [0, {config.num_classes}) for class-conditional "
                          "training")
 
 
@@ -469,7 +470,7 @@ def sample_id(
     ``sample_embeddings``), so an interrupted call continues where it stopped.
     """
     if per_class < 1:
-        raise ValueError(f"per_class must be >= 1, got {per_class}")
+        raise ConfigError(f"per_class must be >= 1, got {per_class}")
     labels = np.repeat(np.arange(generator.config.num_classes, dtype=np.int64), per_class)
     with torch.no_grad():
         embeddings = generator.model.embed(torch.from_numpy(labels).to(generator.device))
@@ -496,11 +497,11 @@ def sample_interpolated(
     """
     low, high = (float(a) for a in alpha_range)
     if n < 1 or not 0.0 <= low <= high <= 1.0:
-        raise ValueError(f"need n >= 1 and 0 <= alpha_range[0] <= alpha_range[1] <= 1, got {n}, "
+        raise ConfigError(f"need n >= 1 and 0 <= alpha_range[0] <= alpha_range[1] <= 1, got {n}, "
                          f"{alpha_range}")
     classes = generator.config.num_classes
     if classes < 2:
-        raise ValueError("label interpolation needs at least 2 classes")
+        raise ConfigError("label interpolation needs at least 2 classes")
     draw = np.random.default_rng(seed)
     first = draw.integers(0, classes, n)
     second = (first + draw.integers(1, classes, n)) % classes
@@ -536,7 +537,7 @@ def sample_embeddings(
     """
     config = generator.config
     if guidance < 0 or not 1 <= steps <= config.num_train_timesteps or batch_size < 1:
-        raise ValueError(f"need guidance >= 0, 1 <= steps <= {config.num_train_timesteps} and "
+        raise ConfigError(f"need guidance >= 0, 1 <= steps <= {config.num_train_timesteps} and "
                          f"batch_size >= 1, got {guidance}, {steps}, {batch_size}")
     count = len(embeddings)
     shape = (count, config.channels, config.image_size, config.image_size)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from oodforge.util.atomic import atomic_json, atomic_npy
+from oodforge.util.errors import ConfigError
 
 KEY_NAME = "key.json"
 
@@ -42,10 +43,10 @@ class SampleChunks:
             try:
                 stored = json.loads(path.read_text())
             except (OSError, ValueError) as exc:
-                raise ValueError(f"{path} is unreadable ({exc.__class__.__name__}); remove {self.folder}") from exc
+                raise ConfigError(f"{path} is unreadable ({exc.__class__.__name__}); remove {self.folder}") from exc
             if stored != self.key:
                 changed = sorted(k for k in self.key if stored.get(k) != self.key[k])
-                raise ValueError(f"{self.folder} holds batches of another sampling job (differs in "
+                raise ConfigError(f"{self.folder} holds batches of another sampling job (differs in "
                                  f"{', '.join(changed) or 'its fields'}); remove it or sample without resuming")
         else:
             atomic_json(self.key, path)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from oodforge.losses.base import LOSSES, LossInputs
 from oodforge.scores import cosine_to_centres, energy_score, normalized_class_means, representation_score
+from oodforge.util.errors import ConfigError
 
 
 def energy_bounded_term(
@@ -49,7 +50,7 @@ def outlier_repulsion(outlier_features: Tensor, centres: Tensor, margin: float =
 def _check_non_negative(**values: float) -> None:
     for name, value in values.items():
         if value < 0:
-            raise ValueError(f"{name} must be non-negative, got {value}")
+            raise ConfigError(f"{name} must be non-negative, got {value}")
 
 
 class ClusterFocalLoss(nn.Module):
@@ -62,12 +63,12 @@ class ClusterFocalLoss(nn.Module):
     def __init__(self, num_classes: int, feature_dim: int, gamma: float = 2.0, scale: float = 16.0) -> None:
         super().__init__()
         if num_classes < 1 or feature_dim < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"num_classes and feature_dim must be positive, got {num_classes} and {feature_dim}"
             )
         _check_non_negative(gamma=gamma)
         if scale <= 0:
-            raise ValueError(f"scale must be positive, got {scale}")
+            raise ConfigError(f"scale must be positive, got {scale}")
         self.gamma = gamma
         self.scale = scale
         self.centres = nn.Parameter(F.normalize(torch.randn(num_classes, feature_dim), dim=1))
@@ -127,7 +128,7 @@ class SemanticEnergyLoss(nn.Module):
         super().__init__()
         _check_non_negative(weight=weight, cfl_weight=cfl_weight, repel_weight=repel_weight)
         if centre_init not in CENTRE_INITS:
-            raise ValueError(f"centre_init must be one of {', '.join(CENTRE_INITS)}, got {centre_init!r}")
+            raise ConfigError(f"centre_init must be one of {', '.join(CENTRE_INITS)}, got {centre_init!r}")
         # "class_means" (and "auto" when fine-tuning): the training loop calls init_centres_from first
         self.centre_init = centre_init
         self.energy = EnergyBoundedLoss(weight, m_in, m_out)
@@ -146,7 +147,7 @@ class SemanticEnergyLoss(nn.Module):
         """Set the centres to the unit-norm means of the L2-normalized ``features`` of each class (all must occur)."""
         classes = torch.unique(labels)
         if len(classes) != self.centres.shape[0]:
-            raise ValueError(f"class-mean centres need all {self.centres.shape[0]} classes, got {len(classes)}")
+            raise ConfigError(f"class-mean centres need all {self.centres.shape[0]} classes, got {len(classes)}")
         self.centres.copy_(F.normalize(normalized_class_means(features, labels), dim=1))
 
     def forward(self, batch: LossInputs) -> Tensor:

@@ -7,12 +7,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from oodforge.losses.base import LOSSES, LossInputs
+from oodforge.util.errors import ConfigError
 
 
 def other_classes_mask(index: Tensor, num_classes: int) -> Tensor:
     """Boolean (N, C) mask that is True everywhere except at column ``index[n]`` of row n."""
     if num_classes < 2:
-        raise ValueError(f"label smoothing needs at least 2 classes, got num_classes={num_classes}")
+        raise ConfigError(f"label smoothing needs at least 2 classes, got num_classes={num_classes}")
     return ~F.one_hot(index, num_classes).bool()
 
 
@@ -43,7 +44,7 @@ class LabelSmoothing(nn.Module):
     def __init__(self, eps: float = 0.1) -> None:
         super().__init__()
         if not 0.0 <= eps < 1.0:
-            raise ValueError(f"ls: eps must be in [0, 1), got eps={eps}")
+            raise ConfigError(f"ls: eps must be in [0, 1), got eps={eps}")
         self.eps = eps
 
     def forward(self, batch: LossInputs) -> Tensor:
@@ -63,11 +64,11 @@ class AdaptiveLabelSmoothing(nn.Module):
     def __init__(self, weight: float = 1.0, target: str = "pred", eps: float = 1e-8) -> None:
         super().__init__()
         if weight < 0:
-            raise ValueError(f"als: weight must be >= 0, got weight={weight}")
+            raise ConfigError(f"als: weight must be >= 0, got weight={weight}")
         if target not in ("pred", "label"):
-            raise ValueError(f"als: target must be 'pred' or 'label', got target={target!r}")
+            raise ConfigError(f"als: target must be 'pred' or 'label', got target={target!r}")
         if eps <= 0:
-            raise ValueError(f"als: eps must be > 0 for a finite gradient at zero spread, got eps={eps}")
+            raise ConfigError(f"als: eps must be > 0 for a finite gradient at zero spread, got eps={eps}")
         self.weight = weight
         self.target = target
         self.eps = eps

@@ -12,12 +12,13 @@ from torch import Tensor, nn
 
 from oodforge.models.classifier import CheckpointError, Classifier, read_checkpoint, state_dict_mismatch
 from oodforge.outputs import has_interface
+from oodforge.util.errors import ConfigError, ModelError
 
 HEAD_CANDIDATES = ("fc", "classifier", "heads.head", "head", "heads")
 SPEC_FORMS = "torchvision:NAME, timm:NAME or module:pkg.mod:factory"
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(ModelError):
     """A ``--model`` network whose factory or forward raises, or whose outputs do not fit the benchmark."""
 
 
@@ -123,9 +124,9 @@ def wrap_model(
     if not isinstance(net, nn.Module):
         raise TypeError(f"wrap_model expects an nn.Module, got {type(net).__name__}")
     if (mean is None) != (std is None):
-        raise ValueError("give both mean and std, or neither")
+        raise ConfigError("give both mean and std, or neither")
     if mean is not None and len(mean) != len(std):
-        raise ValueError(f"mean has {len(mean)} values but std has {len(std)}")
+        raise ConfigError(f"mean has {len(mean)} values but std has {len(std)}")
     head_name = _check_head(net, head) if head is not None else _detect_head(net)
     return WrappedClassifier(net, head_name, _family(net), mean=mean, std=std)
 
@@ -152,9 +153,9 @@ def _check_head(net: nn.Module, name: str) -> str:
     try:
         module = net.get_submodule(name)
     except AttributeError:
-        raise ValueError(f"head {name!r} not found in {type(net).__name__}; {_linear_names(net)}") from None
+        raise ConfigError(f"head {name!r} not found in {type(net).__name__}; {_linear_names(net)}") from None
     if not isinstance(module, nn.Linear):
-        raise ValueError(
+        raise ConfigError(
             f"head {name!r} of {type(net).__name__} is a {type(module).__name__}, not an nn.Linear; "
             f"{_linear_names(net)}"
         )
@@ -179,7 +180,7 @@ def _detect_head(net: nn.Module) -> str:
             return f"{candidate}.{list(module._modules)[-1]}"
     if isinstance(net, nn.Sequential) and len(net) and isinstance(net[-1], nn.Linear):
         return list(net._modules)[-1]
-    raise ValueError(
+    raise ConfigError(
         f"cannot find the final linear layer of {type(net).__name__}; pass head='dotted.name'; {_linear_names(net)}"
     )
 
@@ -193,7 +194,7 @@ def build_model(spec: str, weights: str | Path | None = None, num_classes: int |
         "module": _module_net,
     }
     if not sep or not name or kind not in builders:
-        raise ValueError(f"unknown model spec {spec!r}; use {SPEC_FORMS}")
+        raise ConfigError(f"unknown model spec {spec!r}; use {SPEC_FORMS}")
     net = builders[kind](name, num_classes)
     if weights is not None:
         load_weights(net, weights, spec)
@@ -207,7 +208,7 @@ def _torchvision_net(name: str, num_classes: int | None) -> nn.Module:
     try:
         builder = torchvision.models.get_model_builder(name)
     except ValueError:
-        raise ValueError(f"unknown torchvision model {name!r}; see torchvision.models.list_models()") from None
+        raise ConfigError(f"unknown torchvision model {name!r}; see torchvision.models.list_models()") from None
     return builder(weights=None, **options)
 
 
@@ -215,19 +216,19 @@ def _timm_net(name: str, num_classes: int | None) -> nn.Module:
     try:
         import timm
     except ImportError:
-        raise ValueError(
+        raise ConfigError(
             f"model timm:{name} needs timm, but timm is not installed: pip install 'oodforge[timm]'"
         ) from None
     options = {} if num_classes is None else {"num_classes": num_classes}
     if not timm.is_model(name):
-        raise ValueError(f"unknown timm model {name!r}; see timm.list_models()")
+        raise ConfigError(f"unknown timm model {name!r}; see timm.list_models()")
     return timm.create_model(name, pretrained=False, **options)
 
 
 def _module_net(target: str, num_classes: int | None) -> nn.Module:
     module_name, sep, factory_name = target.rpartition(":")
     if not sep or not module_name or not factory_name:
-        raise ValueError(f"model spec module:{target} must read module:pkg.mod:factory")
+        raise ConfigError(f"model spec module:{target} must read module:pkg.mod:factory")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or whatever the user's module raises while it is imported
@@ -235,7 +236,7 @@ def _module_net(target: str, num_classes: int | None) -> nn.Module:
                              f"{one_line_cause(exc)}") from exc
     factory = getattr(module, factory_name, None)
     if not callable(factory):
-        raise ValueError(f"module {module_name!r} has no callable {factory_name!r} (model spec module:{target})")
+        raise ConfigError(f"module {module_name!r} has no callable {factory_name!r} (model spec module:{target})")
     try:
         net = factory(num_classes=num_classes) if num_classes is not None and _takes_num_classes(factory) else factory()
     except Exception as exc:  # the user's code may raise anything

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from oodforge.util.errors import ConfigError
 from oodforge.util.registry import Registry
 
 BACKBONES: Registry[nn.Module] = Registry("backbone")
@@ -109,7 +110,7 @@ class TorchvisionBackbone(nn.Module):
     def __init__(self, name: str, weights: str | None = None, in_channels: int = 3) -> None:
         super().__init__()
         if in_channels != 3:
-            raise ValueError(f"torchvision model {name!r} expects 3 input channels, got {in_channels}")
+            raise ConfigError(f"torchvision model {name!r} expects 3 input channels, got {in_channels}")
         model = torchvision.models.get_model(name, weights=weights)
         self.classifier = _pop_classifier(model)
         self.feature_dim = self.classifier.in_features
@@ -132,7 +133,7 @@ def _pop_classifier(model: nn.Module) -> nn.Linear:
             last = module[-1]
             module[-1] = nn.Identity()
             return last
-    raise ValueError(f"cannot find the final linear classifier of {type(model).__name__}")
+    raise ConfigError(f"cannot find the final linear classifier of {type(model).__name__}")
 
 
 def create_backbone(name: str, in_channels: int = 3) -> nn.Module:

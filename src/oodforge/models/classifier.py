@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from oodforge.models.backbones import create_backbone
 from oodforge.models.heads import create_head
 from oodforge.util.atomic import atomic_torch_save
+from oodforge.util.errors import DivergedError, ModelError
 
 
 @dataclass
@@ -80,7 +81,7 @@ def build_classifier(config: ModelConfig) -> Classifier:
     return Classifier(config)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ModelError, RuntimeError):
     """A checkpoint or weights file that cannot be read or does not fit the model."""
 
 
@@ -88,7 +89,7 @@ def save_classifier(model: Classifier, path: str | Path, extra: dict | None = No
     """Write ``model`` (config + weights + ``extra``) to ``path`` atomically; non-finite weights are refused."""
     bad = nonfinite_tensors(model.state_dict())
     if bad:
-        raise FloatingPointError(f"not saving {path}: {len(bad)} weight tensors are NaN or infinite, e.g. "
+        raise DivergedError(f"not saving {path}: {len(bad)} weight tensors are NaN or infinite, e.g. "
                                  f"{bad[0]}; training diverged, lower --lr")
     state = {
         "format": "oodforge-classifier",

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from oodforge.util.errors import ConfigError
 from oodforge.util.registry import Registry
 
 HEADS: Registry[nn.Module] = Registry("head")
@@ -47,7 +48,7 @@ class CosineHead(nn.Module):
     def __init__(self, feature_dim: int, num_classes: int, scale: float = 30.0) -> None:
         super().__init__()
         if scale <= 0:
-            raise ValueError(f"{type(self).__name__}: scale must be > 0, got scale={scale}")
+            raise ConfigError(f"{type(self).__name__}: scale must be > 0, got scale={scale}")
         self.feature_dim = feature_dim
         self.num_classes = num_classes
         self.weight = nn.Parameter(torch.empty(num_classes, feature_dim))
@@ -104,9 +105,9 @@ class ArcFace(CosineHead):
                  easy_margin: bool = False) -> None:
         super().__init__(feature_dim, num_classes, scale)
         if not 0.0 <= margin < math.pi:
-            raise ValueError(f"ArcFace: margin must be in [0, pi), got margin={margin}")
+            raise ConfigError(f"ArcFace: margin must be in [0, pi), got margin={margin}")
         if not isinstance(easy_margin, bool):
-            raise ValueError(f"ArcFace: easy_margin must be true or false, got easy_margin={easy_margin!r}")
+            raise ConfigError(f"ArcFace: easy_margin must be true or false, got easy_margin={easy_margin!r}")
         self.margin = margin
         self.easy_margin = easy_margin
 
@@ -134,7 +135,7 @@ class SphereFace(CosineHead):
     def __init__(self, feature_dim: int, num_classes: int, scale: float = 30.0, margin: float = 1.35) -> None:
         super().__init__(feature_dim, num_classes, scale)
         if margin <= 0:
-            raise ValueError(f"SphereFace: margin must be > 0, got margin={margin}")
+            raise ConfigError(f"SphereFace: margin must be > 0, got margin={margin}")
         self.margin = margin
 
     def target_cosine(self, cos_y: Tensor) -> Tensor:
@@ -158,7 +159,7 @@ class AdaCos(CosineHead):
     def __init__(self, feature_dim: int, num_classes: int, scale: float | None = None) -> None:
         if scale is None:
             if num_classes < 3:
-                raise ValueError(
+                raise ConfigError(
                     f"AdaCos: the default scale sqrt(2) * ln(C - 1) is 0 for num_classes={num_classes}; "
                     "pass scale"
                 )

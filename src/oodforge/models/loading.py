@@ -12,6 +12,7 @@ from oodforge.data.benchmark import Benchmark
 from oodforge.models.adapters import ModelSpecError, build_model, one_line_cause, wrap_model
 from oodforge.models.backbones import BACKBONES
 from oodforge.models.classifier import CheckpointError, ModelConfig, load_classifier, read_checkpoint
+from oodforge.util.errors import ConfigError
 
 SPEC_PREFIXES = ("torchvision:", "timm:", "module:")
 CIFAR_RESNETS = ("resnet20", "resnet32", "resnet44", "resnet56")
@@ -35,11 +36,11 @@ def load_model(spec: str, weights: str | Path | None, benchmark: Benchmark, head
         checkpoint = None if weights is None else str(weights)
     elif spec in BACKBONES:
         if weights is None:
-            raise ValueError(f"--model {spec!r} is a backbone name; give its --weights too")
+            raise ConfigError(f"--model {spec!r} is a backbone name; give its --weights too")
         config = external_config(spec, weights, benchmark)
         model, checkpoint = load_classifier(weights, config, source=f"--weights {weights}"), str(weights)
     else:
-        raise ValueError(f"--model {spec!r} is neither a checkpoint file, a backbone ({', '.join(BACKBONES.names())})"
+        raise ConfigError(f"--model {spec!r} is neither a checkpoint file, a backbone ({', '.join(BACKBONES.names())})"
                          f" nor a spec ({', '.join(p + '...' for p in SPEC_PREFIXES)})")
     check_model_fits(model, benchmark, what=f"--model {spec}")
     return model, checkpoint
@@ -51,7 +52,7 @@ def external_config(backbone: str, weights: str | Path, benchmark: Benchmark) ->
     name = Path(weights).name
     arch = next((a for a in CIFAR_RESNETS if name.startswith(a + "-")), None)
     if arch is not None and arch != backbone:
-        raise ValueError(f"--model {backbone} contradicts --weights {name}, a {arch} checkpoint")
+        raise ConfigError(f"--model {backbone} contradicts --weights {name}, a {arch} checkpoint")
     mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if arch else (benchmark.mean, benchmark.std)
     return ModelConfig(backbone=backbone, num_classes=benchmark.num_classes(), in_channels=benchmark.image_shape[2],
                        mean=mean, std=std)
@@ -62,10 +63,10 @@ def check_model_fits(model: nn.Module, benchmark: Benchmark, what: str = "the mo
     classes = getattr(model, "num_classes", None)
     expected = benchmark.num_classes()
     if classes is not None and classes != expected:
-        raise ValueError(f"{what} predicts {classes} classes but benchmark {benchmark.name!r} has {expected}")
+        raise ConfigError(f"{what} predicts {classes} classes but benchmark {benchmark.name!r} has {expected}")
     channels = getattr(getattr(model, "config", None), "in_channels", None)
     if channels is not None and channels != benchmark.image_shape[2]:
-        raise ValueError(f"{what} takes {channels}-channel images but benchmark {benchmark.name!r} has "
+        raise ConfigError(f"{what} takes {channels}-channel images but benchmark {benchmark.name!r} has "
                          f"{benchmark.image_shape[2]}-channel images")
     check_model_runs(model, benchmark, expected, what)
 

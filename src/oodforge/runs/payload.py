@@ -15,6 +15,7 @@ from torch import nn
 from oodforge.data.benchmark import Benchmark
 from oodforge.evaluation.result import Evaluation, mean_auroc
 from oodforge.runs.folder import scores_digest, write_together
+from oodforge.util.errors import ConfigError
 
 
 def model_summary(model: nn.Module, evaluation: Evaluation, checkpoint: str | None = None) -> dict:
@@ -73,7 +74,7 @@ def methods_of(payload: dict) -> dict[str, dict]:
     if not names and "id_accuracy" in payload:  # no result row names the method (every detector failed)
         return {}
     if len(names) != 1 or "id_accuracy" not in payload:
-        raise ValueError("not a results.json of oodforge bench or score (no 'methods' block, and not exactly one "
+        raise ConfigError("not a results.json of oodforge bench or score (no 'methods' block, and not exactly one "
                          f"method in its results: {', '.join(names) or 'none'})")
     return {names[0]: {k: payload[k] for k in METHOD_KEYS if k in payload}}
 

@@ -14,6 +14,7 @@ from oodforge.evaluation.scoring import score_sets
 from oodforge.evaluation.specs import build_detector, detector_options
 from oodforge.runs.payload import run_payload, save_run
 from oodforge.runs.results import OODResults
+from oodforge.util.errors import ConfigError
 from oodforge.util.precision import resolve_precision
 
 
@@ -42,7 +43,7 @@ def evaluate_ood(model: torch.nn.Module, id_train: Data | None, id_test: Data, o
 
     def train_outputs() -> ModelOutputs:
         if id_train is None:
-            raise ValueError("id_train is needed to fit " + ", ".join(
+            raise ConfigError("id_train is needed to fit " + ", ".join(
                 n for n, o in spec.items() if build_detector(n, o).needs_fit))
         return extract_outputs(model, as_loader(id_train, batch_size, num_workers), device, quiet=quiet,
                                precision=precision)
@@ -60,15 +61,15 @@ def evaluate_ood(model: torch.nn.Module, id_train: Data | None, id_test: Data, o
 def _ood_groups(ood: dict[str, object], id_name: str) -> tuple[dict[str, str], dict[str, object]]:
     """{name: data or (data, group)} -> ({name: group}, {name: data})."""
     if not isinstance(ood, dict) or not ood:
-        raise ValueError("ood must map at least one OOD set name to data or (data, 'near' | 'far')")
+        raise ConfigError("ood must map at least one OOD set name to data or (data, 'near' | 'far')")
     groups, data = {}, {}
     for name, entry in ood.items():
         if name == id_name:
-            raise ValueError(f"OOD set {name!r} has the ID set's name; pass id_name= or rename it")
+            raise ConfigError(f"OOD set {name!r} has the ID set's name; pass id_name= or rename it")
         if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], str):
             entry, group = entry
             if group not in ("near", "far"):
-                raise ValueError(f"group of OOD set {name!r} must be 'near' or 'far', got {group!r}")
+                raise ConfigError(f"group of OOD set {name!r} must be 'near' or 'far', got {group!r}")
         else:
             group = "far"
         groups[name], data[name] = group, entry

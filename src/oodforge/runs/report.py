@@ -26,6 +26,7 @@ from sklearn.metrics import auc, roc_curve
 
 from oodforge.runs.folder import finish_pending, scores_digest
 from oodforge.util.atomic import atomic_write
+from oodforge.util.errors import ConfigError, MissingPathError
 
 __all__ = ["load_run", "report_html", "write_report"]
 
@@ -54,7 +55,7 @@ def load_run(run_dir: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     """Read ``results.json`` and ``scores.npz`` of a run directory; errors name the file at fault."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+        raise MissingPathError(f"run directory {run_dir} does not exist")
     try:
         finish_pending(run_dir)  # a write that a kill interrupted: finish it (committed) or drop it
     except OSError:
@@ -62,50 +63,50 @@ def load_run(run_dir: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
     results, scores = _read_results(run_dir / "results.json"), _read_scores(run_dir / "scores.npz")
     expected = results.get("scores_sha256")
     if expected is not None and expected != scores_digest(scores):
-        raise ValueError(f"{run_dir / 'scores.npz'} does not belong to {run_dir / 'results.json'} (its scores_sha256 "
+        raise ConfigError(f"{run_dir / 'scores.npz'} does not belong to {run_dir / 'results.json'} (its scores_sha256 "
                          "differs): the two files come from different runs; score the run again")
     return results, scores
 
 
 def _read_results(path: Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: a run directory needs results.json "
+        raise MissingPathError(f"{path} not found: a run directory needs results.json "
                                 "(written by `oodforge bench` or `oodforge demo`)")
     try:
         results = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+        raise ConfigError(f"{path} is not valid JSON: {err}") from err
     _validate_results(results, path)
     return results
 
 
 def _validate_results(results: Any, path: Path) -> None:
     if not isinstance(results, dict):
-        raise ValueError(f"{path}: expected a JSON object at the top level, got {type(results).__name__}")
+        raise ConfigError(f"{path}: expected a JSON object at the top level, got {type(results).__name__}")
     if not isinstance(results.get("id_dataset"), str):
-        raise ValueError(f"{path}: missing string field 'id_dataset'")
+        raise ConfigError(f"{path}: missing string field 'id_dataset'")
     rows = results.get("results")
     if not isinstance(rows, list):
-        raise ValueError(f"{path}: missing list field 'results'")
+        raise ConfigError(f"{path}: missing list field 'results'")
     for index, row in enumerate(rows):
         missing = [field for field in ROW_FIELDS if not isinstance(row, dict) or field not in row]
         if missing:
-            raise ValueError(f"{path}: results[{index}] lacks field(s) {', '.join(missing)}")
+            raise ConfigError(f"{path}: results[{index}] lacks field(s) {', '.join(missing)}")
         if row["group"] not in GROUPS:
-            raise ValueError(f"{path}: results[{index}].group is {row['group']!r}, expected 'near' or 'far'")
+            raise ConfigError(f"{path}: results[{index}].group is {row['group']!r}, expected 'near' or 'far'")
         for key, _, _ in METRICS:
             if row[key] is not None and not isinstance(row[key], (int, float)):
-                raise ValueError(f"{path}: results[{index}].{key} is {row[key]!r}, expected a number")
+                raise ConfigError(f"{path}: results[{index}].{key} is {row[key]!r}, expected a number")
 
 
 def _read_scores(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: a run directory needs scores.npz beside results.json")
+        raise MissingPathError(f"{path} not found: a run directory needs scores.npz beside results.json")
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {key: np.asarray(npz[key], dtype=np.float64).ravel() for key in npz.files}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as err:
-        raise ValueError(f"{path} is not a readable scores archive: {err}") from err
+        raise ConfigError(f"{path} is not a readable scores archive: {err}") from err
 
 
 # ------------------------------------------------------------------------------------------- model

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from oodforge.runs.payload import print_results, save_run
+from oodforge.util.errors import UnknownNameError
 
 
 class OODResults:
@@ -34,7 +35,7 @@ class OODResults:
         for row in self.rows:
             if row["detector"] == detector and row["ood_dataset"] == ood_dataset:
                 return row["auroc"]
-        raise KeyError(f"no row for detector {detector!r} on {ood_dataset!r}")
+        raise UnknownNameError(f"no row for detector {detector!r} on {ood_dataset!r}")
 
     def summary(self) -> list[dict]:
         """Per detector: AUROC % on each OOD set, mean near/far AUROC % and mean FPR95 %."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 
 from oodforge.losses import LOSSES
 from oodforge.models.heads import HEADS
+from oodforge.util.errors import ConfigError
 from oodforge.util.precision import FABRIC_PRECISIONS
 from oodforge.util.validation import check_value
 
@@ -61,14 +62,14 @@ class TrainConfig:
                   ("num_nodes", self.num_nodes >= 1, ">= 1")]
         for name, ok, rule in checks:
             if not ok:
-                raise ValueError(f"training config: {name} must be {rule}, got {getattr(self, name)!r}")
+                raise ConfigError(f"training config: {name} must be {rule}, got {getattr(self, name)!r}")
         _check_options("head", HEADS, self.head, self.head_options, ("feature_dim", "num_classes"))
         _check_options("loss", LOSSES, self.loss, self.loss_options, ("feature_dim", "num_classes"))
         if self.precision not in ("auto", *FABRIC_PRECISIONS):
-            raise ValueError(f"training config: precision must be one of auto, {', '.join(FABRIC_PRECISIONS)}; "
+            raise ConfigError(f"training config: precision must be one of auto, {', '.join(FABRIC_PRECISIONS)}; "
                              f"got {self.precision!r}")
         if isinstance(self.devices, str) and self.devices != "auto" and not self.devices.replace(",", "").isdigit():
-            raise ValueError(f"training config: devices must be a count, 'auto' or a list like '0,1', got "
+            raise ConfigError(f"training config: devices must be a count, 'auto' or a list like '0,1', got "
                              f"{self.devices!r}")
         return self
 
@@ -81,7 +82,7 @@ def _check_options(kind: str, registry, name: str, options: dict, supplied: tupl
     known = [p for p in parameters if p not in supplied and p != "self"]
     for key in options:
         if key not in known:
-            raise ValueError(f"training config: {kind} {name!r} has no option {key!r}; its options: "
+            raise ConfigError(f"training config: {kind} {name!r} has no option {key!r}; its options: "
                              f"{', '.join(known) or 'none'}")
 
 

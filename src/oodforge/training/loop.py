@@ -39,6 +39,7 @@ from oodforge.models.classifier import (
 from oodforge.models.loading import check_model_fits
 from oodforge.training.config import LAST_CHECKPOINT, MODEL_CHECKPOINT, TrainConfig
 from oodforge.util.atomic import atomic_json, atomic_torch_save, remove_stale_temp_files
+from oodforge.util.errors import ConfigError, DivergedError
 from oodforge.util.precision import resolve_precision
 from oodforge.util.progress import progress_bar
 
@@ -147,7 +148,7 @@ def check_outlier_source(benchmark: Benchmark, source: str) -> None:
     """Refuse training outliers drawn from one of the benchmark's test OOD sets."""
     clash = [name for name in benchmark.ood if overlaps(source, name)]
     if clash:
-        raise ValueError(f"outlier source {source!r} overlaps test OOD set {clash[0]!r} of benchmark "
+        raise ConfigError(f"outlier source {source!r} overlaps test OOD set {clash[0]!r} of benchmark "
                          f"{benchmark.name!r}; train on a disjoint source")
 
 
@@ -245,7 +246,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, quiet: 
                 x_out = fabric.to_device(next(outlier_batches)[0]) if outlier_batches else None
                 loss, logits = step(x, y, x_out)
                 if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}; lower --lr")
+                    raise DivergedError(f"loss became {loss.item()} at epoch {epoch + 1}; lower --lr")
                 optimizer.zero_grad(set_to_none=True)
                 fabric.backward(loss)
                 optimizer.step()
@@ -258,10 +259,10 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, quiet: 
                             "seconds": time.perf_counter() - tic, "precision": precision})
             bad = nonfinite_tensors(model.state_dict())
             if bad:
-                raise FloatingPointError(f"weights became NaN or infinite during epoch {epoch + 1} (e.g. {bad[0]}); "
+                raise DivergedError(f"weights became NaN or infinite during epoch {epoch + 1} (e.g. {bad[0]}); "
                                          f"nothing was saved for it; lower --lr")
             if seen and nonfinite_outputs(model, x, fabric):
-                raise FloatingPointError(f"outputs became NaN or infinite after the last step of epoch {epoch + 1} "
+                raise DivergedError(f"outputs became NaN or infinite after the last step of epoch {epoch + 1} "
                                          f"(weights up to {largest_weight(model):.1e}); nothing was saved for it; "
                                          f"lower --lr")
             if fabric.is_global_zero:

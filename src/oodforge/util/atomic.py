@@ -22,20 +22,9 @@ import numpy as np
 import torch
 import yaml
 
+from oodforge.util.errors import ConfigError, MissingPathError, WriteError
+
 STALE_AFTER_S = 24 * 3600  # temp files of another host (or of an unknown writer) older than this are removed
-
-
-class WriteError(OSError):
-    """A file that could not be written (full disk, read-only folder, ...); one line naming the file."""
-
-    def __init__(self, path: str | Path, reason: str, errno_: int | None = None) -> None:
-        super().__init__(f"cannot write {path}: {reason}")
-        self.message = f"cannot write {path}: {reason}"
-        self.errno = errno_
-        self.path = str(path)
-
-    def __str__(self) -> str:
-        return self.message
 
 
 def host_tag() -> str:
@@ -254,32 +243,32 @@ def read_yaml_mapping(path: Path, what: str) -> dict:
     """A YAML file that must hold a mapping; a missing file, text that is not UTF-8, bad YAML, a key given
     twice, an alias bomb or another type is one clear error naming the file."""
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise MissingPathError(f"{what} not found: {path}")
     if path.stat().st_size > MAX_YAML_BYTES:
-        raise ValueError(f"{path}: a {what} larger than {MAX_YAML_BYTES >> 20} MiB is refused")
+        raise ConfigError(f"{path}: a {what} larger than {MAX_YAML_BYTES >> 20} MiB is refused")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[:exc.start].count(b"\n") + 1
-        raise ValueError(f"{path}: a {what} must be UTF-8 text; byte 0x{data[exc.start]:02x} on line {line} is "
+        raise ConfigError(f"{path}: a {what} must be UTF-8 text; byte 0x{data[exc.start]:02x} on line {line} is "
                          "not") from None
     loader = yaml.SafeLoader(text)  # safe: no python tags
     try:
         node = loader.get_single_node()
         if node is not None and expanded_size(node) > MAX_YAML_NODES:
-            raise ValueError(f"{path}: its aliases (*name) expand to more than {MAX_YAML_NODES:,} values; refused "
+            raise ConfigError(f"{path}: its aliases (*name) expand to more than {MAX_YAML_NODES:,} values; refused "
                              "(a YAML alias bomb)")
         duplicate = None if node is None else duplicate_key(node)
         if duplicate is not None:
             key, line, first = duplicate
-            raise ValueError(f"{path}: key {key!r} is given twice, on line {first} and again on line {line}; "
+            raise ConfigError(f"{path}: key {key!r} is given twice, on line {first} and again on line {line}; "
                              "keep one")
         config = None if node is None else loader.construct_document(node)
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     finally:
         loader.dispose()
     if not isinstance(config, dict):
-        raise ValueError(f"{path}: a {what} must be a YAML mapping, got {type(config).__name__}")
+        raise ConfigError(f"{path}: a {what} must be a YAML mapping, got {type(config).__name__}")
     return config

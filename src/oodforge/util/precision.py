@@ -13,6 +13,8 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from oodforge.util.errors import ConfigError
+
 PRECISIONS = ("auto", "32-true", "bf16-mixed")
 FABRIC_PRECISIONS = ("64-true", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
 
@@ -37,7 +39,7 @@ def native_bf16(device: torch.device | str = "cpu") -> bool:
 def check_precision(precision: str, allowed: tuple[str, ...] = PRECISIONS) -> str:
     """``precision`` itself, or a ValueError naming the flag and the allowed values."""
     if precision not in allowed:
-        raise ValueError(f"--precision must be one of {', '.join(allowed)}; got {precision!r}")
+        raise ConfigError(f"--precision must be one of {', '.join(allowed)}; got {precision!r}")
     return precision
 
 

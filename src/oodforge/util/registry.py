@@ -6,6 +6,8 @@ import fnmatch
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from oodforge.util.errors import ConfigError, UnknownNameError
+
 T = TypeVar("T")
 
 
@@ -21,7 +23,7 @@ class Registry(Generic[T]):
 
         def decorator(factory: Callable[..., T]) -> Callable[..., T]:
             if name in self._factories:
-                raise ValueError(f"{self.kind} {name!r} is registered twice")
+                raise ConfigError(f"{self.kind} {name!r} is registered twice")
             self._factories[name] = factory
             return factory
 
@@ -33,7 +35,7 @@ class Registry(Generic[T]):
             return self._factories[name]
         except KeyError:
             known = ", ".join(sorted(self._factories))
-            raise KeyError(f"unknown {self.kind} {name!r}; known: {known}") from None
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; known: {known}") from None
 
     def create(self, name: str, **kwargs) -> T:
         """Build the component registered under ``name`` with ``kwargs``."""

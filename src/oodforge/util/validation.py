@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from oodforge.util.atomic import expanded_size
+from oodforge.util.errors import ConfigError
 
 SIMPLE_TYPES = (bool, int, float, str, dict, list)
 MAX_OPTION_VALUES = 10_000  # an option value whose YAML aliases expand to more values than this is refused
@@ -41,7 +42,7 @@ def check_value(owner: str, name: str, value: object, hint: object) -> object:
     allowed = allowed_types(hint)
     if allowed and not fits(value, allowed):
         names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
-        raise ValueError(f"{owner}: {name} must be {names}, got {value!r}")
+        raise ConfigError(f"{owner}: {name} must be {names}, got {value!r}")
     if float in allowed and isinstance(value, int) and not isinstance(value, bool) and int not in allowed:
         return float(value)
     return value
@@ -57,16 +58,16 @@ def parse_options(pairs: Iterable[str], what: str) -> dict:
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"{what} {pair!r} must look like key=value")
+            raise ConfigError(f"{what} {pair!r} must look like key=value")
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
             if node is not None and expanded_size(node) > MAX_OPTION_VALUES:
-                raise ValueError(f"{what} {pair!r}: the value of {key!r} expands to more than "
+                raise ConfigError(f"{what} {pair!r}: the value of {key!r} expands to more than "
                                  f"{MAX_OPTION_VALUES:,} values; refused")
             options[key] = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ValueError(f"{what} {pair!r}: the value of {key!r} is not a plain YAML value ({reason})") from None
+            raise ConfigError(f"{what} {pair!r}: the value of {key!r} is not a plain YAML value ({reason})") from None
     return options
 
 
@@ -81,14 +82,14 @@ def check_output_folder(path: str | Path, flag: str = "--out") -> Path:
     made: list[Path] = []
     try:
         if path.exists() and not path.is_dir():
-            raise ValueError(f"{flag} {path} is a file, not a folder")
+            raise ConfigError(f"{flag} {path} is a file, not a folder")
         made = [p for p in (path, *path.parents) if not p.exists() and not p.is_symlink()]
         path.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=".oodforge-write-check-", dir=path)
         os.close(fd)
         os.unlink(name)
     except OSError as exc:
-        raise ValueError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from None
+        raise ConfigError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from None
     finally:
         for folder in made:  # deepest first
             try:
