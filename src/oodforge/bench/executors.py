@@ -15,12 +15,10 @@ import math
 import os
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Any, Protocol
 
 import torch
 
-from oodforge.evaluation.result import Evaluation
 from oodforge.util.atomic import atomic_json
 from oodforge.util.errors import ConfigError
 from oodforge.util.progress import progress_bar
@@ -198,26 +196,4 @@ def ray_job(work: Callable, job: Job, args: tuple, board: Any, threads: int) -> 
     attempt = ray.get(board.start.remote(job.method))
     os.makedirs(job.run_dir, exist_ok=True)
     atomic_json({"host": socket.gethostname(), "pid": os.getpid(), "attempt": attempt}, job.run_dir / TASK_FILE)
-    return portable(*work(job, *args, quiet=True))
-
-
-def portable(model: torch.nn.Module, evaluation: Evaluation, info: dict, checkpoint: str | None) -> tuple:
-    """A ``run_payload`` entry light to ship to the driver: the model's description and size, not its weights
-    (which may sit on a GPU the driver lacks), and the detectors' records, not their state (a kNN bank)."""
-    light = replace(evaluation, detectors={}, records=evaluation.detector_records())
-    return ModelRecord(model), light, info, checkpoint
-
-
-class ModelRecord:
-    """What results.json reads of a model (``runs.model_summary``): ``describe()`` and its parameters' sizes."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        describe = getattr(model, "describe", None)
-        self.config = describe() if callable(describe) else {"net": type(model).__name__}
-        self.shapes = [tuple(p.shape) for p in model.parameters()]
-
-    def describe(self) -> dict:
-        return self.config
-
-    def parameters(self) -> list[torch.Size]:
-        return [torch.Size(shape) for shape in self.shapes]  # each has numel(), as a parameter does
+    return work(job, *args, quiet=True).light()  # the model's description, not its weights

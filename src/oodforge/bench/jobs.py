@@ -22,16 +22,15 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from torch import nn
 
 from oodforge.bench.executors import check_executor, check_resources, run_jobs
 from oodforge.data.benchmarks import Benchmark, get_benchmark
 from oodforge.evaluation.cache import OutputCache
 from oodforge.evaluation.extraction import default_device
-from oodforge.evaluation.result import Evaluation
 from oodforge.evaluation.runner import evaluate
 from oodforge.evaluation.specs import parse_detector_spec
-from oodforge.runs.payload import methods_of, print_results, run_payload, save_run
+from oodforge.runs.payload import MethodRun, methods_of, print_results
+from oodforge.runs.pipeline import write_run
 from oodforge.runs.store import EVALUATION_JSON, evaluation_key, load_evaluation, save_evaluation
 from oodforge.training.config import MODEL_CHECKPOINT, TrainConfig, with_recipe_detectors
 from oodforge.training.loop import copy_sample_grids, train
@@ -147,8 +146,8 @@ def bench_jobs(config: dict, reference: str, out: Path, rescore: bool = False) -
     return jobs
 
 
-def run_job(job: BenchJob, benchmark: Benchmark, quiet: bool = False) -> tuple[nn.Module, Evaluation, dict, str]:
-    """Train (resuming from ``run_dir/last.ckpt``) and score one job: its ``run_payload`` entry. The evaluation
+def run_job(job: BenchJob, benchmark: Benchmark, quiet: bool = False) -> MethodRun:
+    """Train (resuming from ``run_dir/last.ckpt``) and score one job: its ``MethodRun``. The evaluation
     is stored in the run folder and reused while the model and the way it is scored stay the same
     (``oodforge.runs.store``), unless ``job.rescore``."""
     tic = time.perf_counter()
@@ -169,7 +168,13 @@ def run_job(job: BenchJob, benchmark: Benchmark, quiet: bool = False) -> tuple[n
         Console().print(f"{job.method}: evaluation reused from {job.run_dir / EVALUATION_JSON}")
     evaluation.timings["train_s"] = train_s
     info = {**asdict(job.recipe), "history": model.history, "run": job.run}
-    return model, evaluation, info, str(job.run_dir / MODEL_CHECKPOINT)
+    return MethodRun.of(model, evaluation, info, str(job.run_dir / MODEL_CHECKPOINT))
+
+
+def summary_files(payload: dict) -> dict[str, str]:
+    """A bench's summary files beside its results.json: summary.json and summary.md."""
+    summary = summarize(payload)
+    return {"summary.json": json.dumps(summary, indent=2) + "\n", "summary.md": summary_markdown(summary, payload)}
 
 
 def select_part(config: dict, path: Path, only: list[str] | None = None, seeds: list[int] | None = None) -> dict:
@@ -210,13 +215,12 @@ def run_bench(config_path: Path, out: Path, quiet: bool = False, only: list[str]
     jobs = bench_jobs(config, reference, out, rescore)
     done = run_jobs(executor, run_job, jobs, benchmark, quiet=quiet, resources=config.get("resources"),
                     address=address)
-    payload, scores = run_payload(benchmark, {job.method: done[job.method] for job in jobs})  # config order
-    payload["bench_config"] = config
-    summary = summarize(payload)
-    save_run(out, payload, scores, extra={"summary.json": json.dumps(summary, indent=2) + "\n",
-                                          "summary.md": summary_markdown(summary, payload)})
+    runs = {job.method: done[job.method] for job in jobs}  # config order
+    results = write_run(out, benchmark, runs, fields={"bench_config": config}, extra_files=summary_files,
+                        save_detectors=False)
+    payload = results.payload
     print_results(payload, Console())
-    Console().print(summary_markdown(summary, payload))
+    Console().print(summary_markdown(summarize(payload), payload))
     return payload
 
 

@@ -89,34 +89,24 @@ def _evaluate_and_save(model, benchmark, detectors: str, out: Path, train_info: 
                        batch_size: int, quiet: bool, cache: bool, method: str | None = None,
                        detector_dir: Path | None = None, train_subset: int | None = None,
                        tune: bool = False, precision: str = "auto", outliers: str | None = None) -> dict:
+    """``score_and_save``, with what it did printed: reused detectors, failed detectors, the table, the files."""
     from oodforge.evaluation.cache import OutputCache
-    from oodforge.evaluation.extraction import default_device
-    from oodforge.evaluation.runner import evaluate
     from oodforge.evaluation.specs import load_fitted_detectors, parse_detector_spec
-    from oodforge.runs.payload import print_results, run_payload, save_run
+    from oodforge.runs.payload import print_results
+    from oodforge.runs.pipeline import score_and_save
 
     spec = parse_detector_spec(detectors)
     fitted = load_fitted_detectors(detector_dir, spec) if detector_dir else {}
     if fitted:
         console.print(f"reusing fitted detectors from {escape(str(detector_dir))}: {escape(', '.join(fitted))}")
-    evaluation = evaluate(model, benchmark, spec, method=method, device=default_device(), batch_size=batch_size,
-                          cache=OutputCache(enabled=cache), quiet=quiet, fitted=fitted,
-                          train_subset=train_subset, tune=tune, precision=precision, outliers=outliers)
-    for info in evaluation.failed.values():
+    results = score_and_save(model, benchmark, spec, out, method=method, train=train_info, checkpoint=checkpoint,
+                             cache=OutputCache(enabled=cache), batch_size=batch_size, quiet=quiet, fitted=fitted,
+                             train_subset=train_subset, tune=tune, precision=precision, outliers=outliers)
+    for info in results.failed.values():
         console.print(f"[yellow]warning:[/yellow] {escape(info['error'])}", highlight=False, soft_wrap=True)
-    _save_detectors(evaluation, out)
-    payload, scores = run_payload(benchmark, {method or "model": (model, evaluation, train_info, checkpoint)})
-    save_run(out, payload, scores)
-    print_results(payload, Console())
+    print_results(results.payload, Console())
     console.print(f"wrote {out / 'results.json'}, {out / 'scores.npz'}, {out / 'report.html'}")
-    return payload
-
-
-def _save_detectors(evaluation, out: Path) -> None:
-    """Detectors whose learned state is costly to rebuild (the flow) are saved beside the run."""
-    for name, detector in evaluation.detectors.items():
-        if getattr(detector, "save_with_run", False):
-            detector.save(out / "detectors" / f"{name}.pt")
+    return results.payload
 
 
 @app.command()

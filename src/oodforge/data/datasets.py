@@ -81,11 +81,6 @@ def load_dataset(spec: str, split: str = "test", root: str | Path | None = None,
     return DATASETS.get(spec)(root=root, split=split, image_shape=image_shape)
 
 
-def dataset_names() -> list[str]:
-    """Registered dataset names (plus the ``folder:`` and ``synthetic:`` prefixes)."""
-    return DATASETS.names()
-
-
 # ---------------------------------------------------------------- decoding and caching
 
 

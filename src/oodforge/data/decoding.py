@@ -69,11 +69,6 @@ def fit_image(image: Image.Image, shape: tuple[int, int, int], resize: str = "st
     return as_array(image)
 
 
-def fit_shape(array: np.ndarray, shape: tuple[int, int, int], resize: str = "stretch") -> np.ndarray:
-    """``fit_image`` for a uint8 (H, W, C) array."""
-    return fit_image(Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array), shape, resize)
-
-
 def decode_fitted(data: bytes, source: str, shape: tuple[int, int, int] | None, resize: str = "stretch"
                   ) -> np.ndarray:
     """Decode, and bring to ``shape`` when given, in one step (no full-size array is kept)."""

@@ -47,7 +47,7 @@ class ASH(Detector):
         if not 0.0 <= self.percentile < 100.0:
             raise ConfigError(f"ash: percentile must be in [0, 100), got {self.percentile}")
 
-    def _fit(self, train: ModelOutputs) -> None:  # noqa: ARG002
+    def _fit(self, train: ModelOutputs) -> None:
         self._check()
         classifier(self, "ash")
 

@@ -6,6 +6,7 @@ import inspect
 import pickle
 import typing
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
 
@@ -25,12 +26,19 @@ class NotFittedError(OodforgeError, RuntimeError):
 REQUIREMENTS = ("logits", "features", "train", "head", "gradients")
 
 
-class Detector:
+class _ValidatedWhenBuilt(type):
+    """Detectors check their parameters once, when they are built (``Detector.validate``)."""
+
+    def __call__(cls, *args, **kwargs):
+        return super().__call__(*args, **kwargs).validate()
+
+
+class Detector(metaclass=_ValidatedWhenBuilt):
     """Base class of OOD detectors, in scikit-learn's manner. ``score_outputs`` returns (N,), higher = more ID.
 
     ``__init__`` only stores its (typed, simple) parameters under their own names; ``get_params``,
-    ``repr`` and validation come from its signature. ``_check`` adds range checks; both run when a
-    detector is built with ``create_detector`` (before any training or forward pass). ``fit`` learns
+    ``repr`` and validation come from its signature. ``_check`` adds range checks; both run once, when the
+    detector is built (``KNN(k=0)`` raises at once, before any training or forward pass). ``fit`` learns
     state into attributes ending in ``_``, which ``save``/``load`` write and read. Class attributes:
     ``needs_fit`` (learns from ID outputs), ``needs_inputs`` (needs the raw inputs and the model:
     ODIN, GradNorm), ``requires`` (what it reads: logits, features, train, head, gradients) and
@@ -93,9 +101,14 @@ class Detector:
         options = ", ".join(self.param_names()) or "none"
         return f"{self._label()} has no option {key!r}; its options: {options}"
 
-    def fit(self, train: ModelOutputs, model: nn.Module | None = None) -> Detector:
-        """Learn from ID training outputs (and the model, for detectors that reuse its head)."""
-        self.validate()
+    def fit(self, train: ModelOutputs | Iterable, model: nn.Module | None = None) -> Detector:
+        """Learn from ID training outputs (and the model, for detectors that reuse its head). ``train`` may also
+        be a DataLoader (or any iterable of ``x`` or ``(x, y)`` batches), as in pytorch-ood: ``model`` then gives
+        the outputs."""
+        if not isinstance(train, ModelOutputs):
+            if model is None:
+                raise ConfigError(f"{self._label()}: fit on a DataLoader needs the model too: fit(loader, model)")
+            train = outputs_of(model, train)
         self.model_ = model
         self._fit(train)
         self.fitted_ = True
@@ -104,7 +117,7 @@ class Detector:
     def _fit(self, train: ModelOutputs) -> None:
         """Override to learn state into attributes ending in ``_``."""
 
-    def prepare(self, train: ModelOutputs | None, model: nn.Module | None) -> Detector:
+    def _prepare(self, train: ModelOutputs | None, model: nn.Module | None) -> Detector:
         """Ready to score: ``fit`` when the detector learns, else just remember the model (for its head)."""
         if self.needs_fit:
             return self.fit(train, model)
@@ -205,8 +218,7 @@ def create_detector(name: str, **kwargs) -> Detector:
         unknown = sorted(set(kwargs) - set(known))
         if unknown:
             raise ConfigError(f"{name} has no option {unknown[0]!r}; its options: {', '.join(known) or 'none'}")
-    detector = cls(**kwargs)
-    return detector.validate() if isinstance(detector, Detector) else detector
+    return cls(**kwargs)  # a Detector checks its parameters as it is built
 
 
 def require_interface(model: nn.Module) -> nn.Module:
@@ -227,3 +239,23 @@ def features_and_logits(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     return features, model.head(features)
 
 
+def outputs_of(model: nn.Module, batches: Iterable) -> ModelOutputs:
+    """The outputs of ``model`` (eval mode, no gradients, on its own device) over batches of ``x`` or ``(x, y)``."""
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    parts = []
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                x, y = (batch[0], batch[1]) if isinstance(batch, list | tuple) and len(batch) > 1 else (batch, None)
+                x = x[0] if isinstance(x, list | tuple) else x
+                features, logits = features_and_logits(model, x.to(device))
+                parts.append(ModelOutputs(logits.float().cpu(), features.flatten(1).float().cpu(),
+                                          None if y is None else torch.as_tensor(y).long().cpu()))
+    finally:
+        model.train(was_training)
+    if not parts:
+        raise ConfigError("fit: the DataLoader yielded no batches")
+    return ModelOutputs.cat(parts)

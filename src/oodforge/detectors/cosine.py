@@ -25,7 +25,7 @@ class MaxCosine(Detector):
         """Only models with a cosine head (SphereFace, CosFace, ArcFace, AdaCos)."""
         return callable(getattr(getattr(model, "head", None), "cosine", None))
 
-    def _fit(self, train: ModelOutputs) -> None:  # noqa: ARG002
+    def _fit(self, train: ModelOutputs) -> None:
         if self.model_ is None:
             raise ConfigError("cosine detector needs the model: call fit(train, model)")
         head = getattr(self.model_, "head", None)

@@ -26,7 +26,7 @@ class LinearHead(nn.Linear):
     def __init__(self, feature_dim: int, num_classes: int) -> None:
         super().__init__(feature_dim, num_classes)
 
-    def forward(self, features: Tensor, labels: Tensor | None = None) -> Tensor:  # noqa: ARG002
+    def forward(self, features: Tensor, labels: Tensor | None = None) -> Tensor:
         return super().forward(features)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,60 +14,75 @@ from rich.table import Table
 from torch import nn
 
 from oodforge.data.benchmark import Benchmark
-from oodforge.evaluation.result import Evaluation, mean_auroc
+from oodforge.evaluation.result import GROUPS, Evaluation, percent, summary
 from oodforge.runs.folder import scores_digest, write_together
 from oodforge.util.errors import ConfigError
 
 
-def model_summary(model: nn.Module, evaluation: Evaluation, checkpoint: str | None = None) -> dict:
-    """The ``model`` block of results.json: config, parameter count, checkpoint, feature diagnostics."""
-    describe = getattr(model, "describe", None)
-    config = describe() if callable(describe) else {"net": type(model).__name__}
-    return {**config, "parameters": sum(p.numel() for p in model.parameters()),
-            "checkpoint": checkpoint, "diagnostics": evaluation.diagnostics}
+@dataclass
+class MethodRun:
+    """One method of a run: what results.json says of its model, its evaluation, its training and checkpoint.
+
+    ``model`` holds the model's description and parameter count, not the model, so a run is light to ship
+    between processes (a Ray task returns one) and its weights never leave the device they are on.
+    """
+
+    model: dict
+    evaluation: Evaluation
+    train: dict = field(default_factory=dict)
+    checkpoint: str | None = None
+
+    @classmethod
+    def of(cls, model: nn.Module, evaluation: Evaluation, train: dict | None = None,
+           checkpoint: str | None = None) -> MethodRun:
+        """The run of ``model``: ``describe()`` (or the class name) and its parameter count."""
+        describe = getattr(model, "describe", None)
+        config = describe() if callable(describe) else {"net": type(model).__name__}
+        return cls({**config, "parameters": sum(p.numel() for p in model.parameters())}, evaluation, train or {},
+                   checkpoint)
+
+    def light(self) -> MethodRun:
+        """The same run with the detectors' records instead of their fitted state (a kNN bank, a flow)."""
+        return replace(self, evaluation=replace(self.evaluation, detectors={},
+                                                records=self.evaluation.detector_records()))
+
+    def block(self) -> dict:
+        """This method's fields of results.json (``METHOD_KEYS``; ``tuning`` only when tuned)."""
+        evaluation = self.evaluation
+        block = {"id_accuracy": evaluation.id_accuracy,
+                 "model": {**self.model, "checkpoint": self.checkpoint, "diagnostics": evaluation.diagnostics},
+                 "train": self.train, "timings": evaluation.timings, "precision": evaluation.precision}
+        if evaluation.tuning is not None:
+            block["tuning"] = evaluation.tuning
+        return block
 
 
-def percent(value: float | None) -> str:
-    """``0.9123`` -> ``"91.23%"``; None (unlabelled ID test set) -> ``"n/a"``."""
-    return "n/a" if value is None else f"{100 * value:.2f}%"
+METHOD_KEYS = ("id_accuracy", "model", "train", "timings", "precision", "tuning")  # the fields of MethodRun.block
 
 
-METHOD_KEYS = ("id_accuracy", "model", "train", "timings", "precision", "tuning")  # the fields of method_block
-
-
-def method_block(model: nn.Module, evaluation: Evaluation, train: dict, checkpoint: str | None) -> dict:
-    """One method's fields of results.json (``METHOD_KEYS``; ``tuning`` only when tuned)."""
-    block = {"id_accuracy": evaluation.id_accuracy, "model": model_summary(model, evaluation, checkpoint),
-             "train": train, "timings": evaluation.timings, "precision": evaluation.precision}
-    if evaluation.tuning is not None:
-        block["tuning"] = evaluation.tuning
-    return block
-
-
-def run_payload(benchmark: Benchmark, evaluations: dict[str, tuple[nn.Module, Evaluation, dict, str | None]]
-                ) -> tuple[dict, dict[str, np.ndarray]]:
-    """results.json content and scores for one or several methods (method -> (model, eval, train, ckpt)): the
-    first method's block at the top level, and with several methods every block under ``methods``."""
-    several = len(evaluations) > 1
-    blocks = {method: method_block(*parts) for method, parts in evaluations.items()}
-    first_method = next(iter(evaluations))
-    payload = {"benchmark": benchmark.name, "id_dataset": benchmark.id_dataset, **blocks[first_method],
-               "ood_sets": benchmark.ood, "detectors": evaluations[first_method][1].detector_records(), "results": []}
-    failed = {f"{m}/{d}" if several else d: info for m, (_, ev, _, _) in evaluations.items()
-              for d, info in ev.failed.items()}
+def run_payload(benchmark: Benchmark, runs: dict[str, MethodRun]) -> tuple[dict, dict[str, np.ndarray]]:
+    """results.json content and scores for one or several methods: the first method's block at the top level,
+    and with several methods every block under ``methods``."""
+    several = len(runs) > 1
+    blocks = {method: run.block() for method, run in runs.items()}
+    first = next(iter(runs))
+    payload = {"benchmark": benchmark.name, "id_dataset": benchmark.id_dataset, **blocks[first],
+               "ood_sets": benchmark.ood, "detectors": runs[first].evaluation.detector_records(), "results": []}
+    failed = {f"{m}/{d}" if several else d: info
+              for m, run in runs.items() for d, info in run.evaluation.failed.items()}
     if failed:
         payload["failed_detectors"] = failed
     scores: dict[str, np.ndarray] = {}
-    for _, evaluation, _, _ in evaluations.values():
-        payload["results"].extend(evaluation.results)
-        scores.update(evaluation.scores)
+    for run in runs.values():
+        payload["results"].extend(run.evaluation.results)
+        scores.update(run.evaluation.scores)
     if several:
         payload["methods"] = blocks
     return payload, scores
 
 
 def methods_of(payload: dict) -> dict[str, dict]:
-    """method -> its block (``method_block``) of a results.json; one method's results.json (a bench of one run and
+    """method -> its block (``MethodRun.block``) of a results.json; one method's results.json (a bench of one run and
     one seed, or ``oodforge score``) keeps its block at the top level instead of in a ``methods`` block."""
     if "methods" in payload:
         return payload["methods"]
@@ -112,18 +128,15 @@ def print_results(payload: dict, console: Console | None = None) -> None:
     console = console or Console()
     results = payload["results"]
     ood_sets = list(payload["ood_sets"])
-    methods = list(dict.fromkeys(r["method"] for r in results))
-    table = Table(title=escape(f"{payload['benchmark']}: AUROC % (ID accuracy {percent(payload['id_accuracy'])})"))
-    for column in (["method"] if len(methods) > 1 else []) + ["detector"] + ood_sets + ["near", "far", "FPR95"]:
+    several = len({r["method"] for r in results}) > 1
+    accuracy = percent(payload["id_accuracy"], sign=True)
+    table = Table(title=escape(f"{payload['benchmark']}: AUROC % (ID accuracy {accuracy})"))
+    for column in (["method"] if several else []) + ["detector"] + ood_sets + [*GROUPS, "FPR95"]:
         table.add_column(escape(column), justify="left" if column in ("method", "detector") else "right")
-    for method in methods:
-        for detector in dict.fromkeys(r["detector"] for r in results if r["method"] == method):
-            rows = {r["ood_dataset"]: r for r in results if r["method"] == method and r["detector"] == detector}
-            cells = [f"{100 * rows[s]['auroc']:.2f}" for s in ood_sets]
-            groups = [mean_auroc(results, detector, g, method) for g in ("near", "far")]
-            fpr = np.mean([r["fpr95"] for r in rows.values()])
-            table.add_row(*([escape(method)] if len(methods) > 1 else []), escape(detector), *cells,
-                          *("-" if np.isnan(g) else f"{100 * g:.2f}" for g in groups), f"{100 * fpr:.2f}")
+    for line in summary(results):
+        table.add_row(*([escape(line["method"])] if several else []), escape(line["detector"]),
+                      *(percent(line["auroc"].get(s)) for s in ood_sets), *(percent(line[g]) for g in GROUPS),
+                      percent(line["fpr95"]))
     console.print(table)
 
 
@@ -131,11 +144,12 @@ def results_markdown(payload: dict) -> str:
     """Every metric row of a run as a Markdown table (percentages)."""
     several = len({r["method"] for r in payload["results"]}) > 1
     header = (["method"] if several else []) + ["detector", "OOD set", "group", "AUROC", "AUPR-In", "AUPR-Out", "FPR95"]
-    lines = [f"ID accuracy: {percent(payload['id_accuracy'])}" if not several else
-             "ID accuracy: " + ", ".join(f"{m} {percent(v['id_accuracy'])}" for m, v in payload["methods"].items()),
+    accuracies = {m: v["id_accuracy"] for m, v in payload["methods"].items()} if several else {}
+    lines = [f"ID accuracy: {percent(payload['id_accuracy'], sign=True)}" if not several else
+             "ID accuracy: " + ", ".join(f"{m} {percent(v, sign=True)}" for m, v in accuracies.items()),
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in payload["results"]:
         cells = ([r["method"]] if several else []) + [r["detector"], r["ood_dataset"], r["group"]]
-        cells += [f"{100 * r[k]:.2f}" for k in ("auroc", "aupr_in", "aupr_out", "fpr95")]
+        cells += [percent(r[k]) for k in ("auroc", "aupr_in", "aupr_out", "fpr95")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

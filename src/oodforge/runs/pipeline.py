@@ -1,18 +1,31 @@
-"""The benchmark runner: outputs once per dataset, every detector on every OOD set, metrics, files."""
+"""The one score-and-save pipeline: ``write_run`` saves what an evaluation gave as a run folder, for the command
+line, ``oodforge bench`` and the Python API alike; ``score_and_save`` scores a model on a benchmark and writes it;
+``evaluate_ood`` does the same for any classifier and data."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from oodforge.data.benchmark import Benchmark
 from oodforge.detectors import ModelOutputs
-from oodforge.evaluation.extraction import Data, as_classifier, as_loader, extract_outputs, model_device
+from oodforge.evaluation.cache import OutputCache
+from oodforge.evaluation.extraction import (
+    Data,
+    as_classifier,
+    as_loader,
+    default_device,
+    extract_outputs,
+    model_device,
+)
+from oodforge.evaluation.runner import evaluate
 from oodforge.evaluation.scoring import score_sets
 from oodforge.evaluation.specs import build_detector, detector_options
-from oodforge.runs.payload import run_payload, save_run
+from oodforge.runs.payload import MethodRun, run_payload, save_run
 from oodforge.runs.results import OODResults
 from oodforge.util.errors import ConfigError
 from oodforge.util.precision import resolve_precision
@@ -52,10 +65,41 @@ def evaluate_ood(model: torch.nn.Module, id_train: Data | None, id_test: Data, o
                             groups, train_outputs, quiet=quiet, device=device,
                             timings={"outputs_s": time.perf_counter() - start}, precision=precision)
     benchmark = Benchmark(name, id_name, groups, (0, 0, 0), (), ())
-    payload, scores = run_payload(benchmark, {"model": (model, evaluation, {}, None)})
+    return write_run(None if out is None else Path(out), benchmark, {"model": MethodRun.of(model, evaluation)})
+
+
+def write_run(out: Path | None, benchmark: Benchmark, runs: dict[str, MethodRun], *, fields: dict | None = None,
+              extra_files: Callable[[dict], dict[str, str]] | None = None, save_detectors: bool = True
+              ) -> OODResults:
+    """Save the runs of one benchmark as a run folder in ``out``: results.json (with ``fields`` added),
+    scores.npz, results.md, report.html and the text files ``extra_files(payload)`` gives, changed together;
+    detectors whose fitted state is costly to rebuild (the flow) are saved under ``out/detectors`` (unless
+    ``save_detectors`` is False). With ``out`` None nothing is written. The first run's evaluation (with every
+    run's rows) comes back."""
+    payload, scores = run_payload(benchmark, runs)
+    payload.update(fields or {})
+    first = next(iter(runs.values())).evaluation
     if out is not None:
-        save_run(Path(out), payload, scores)
-    return OODResults(payload, scores, evaluation.detectors)
+        for run in runs.values() if save_detectors else ():
+            for label, detector in run.evaluation.detectors.items():
+                if getattr(detector, "save_with_run", False):
+                    detector.save(out / "detectors" / f"{label}.pt")
+        save_run(out, payload, scores, extra=extra_files(payload) if extra_files else None)
+    return OODResults.of(replace(first, scores=scores), payload)
+
+
+def score_and_save(model: torch.nn.Module, benchmark: Benchmark, detectors: str | dict[str, dict], out: Path, *,
+                   method: str | None = None, train: dict | None = None, checkpoint: str | None = None,
+                   cache: OutputCache | None = None, device: torch.device | str | None = None,
+                   batch_size: int = 500, quiet: bool = False, fitted: dict | None = None,
+                   train_subset: int | None = None, tune: bool = False, precision: str = "auto",
+                   outliers: str | None = None) -> OODResults:
+    """Score ``model`` on ``benchmark`` with ``detectors`` (``evaluate``) and write the run folder ``out``."""
+    evaluation = evaluate(model, benchmark, detector_options(detectors), method=method,
+                          device=default_device() if device is None else device, batch_size=batch_size,
+                          cache=cache, quiet=quiet, fitted=fitted, train_subset=train_subset, tune=tune,
+                          precision=precision, outliers=outliers)
+    return write_run(out, benchmark, {method or "model": MethodRun.of(model, evaluation, train, checkpoint)})
 
 
 def _ood_groups(ood: dict[str, object], id_name: str) -> tuple[dict[str, str], dict[str, object]]:
