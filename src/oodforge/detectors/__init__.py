@@ -1,6 +1,6 @@
 """Post-hoc OOD detectors; importing this package registers all of them in ``DETECTORS``."""
 
-from oodforge.detectors import (
+from oodforge.detectors import (  # noqa: F401  (imported to register)
     ash,
     cosine,
     dice,
