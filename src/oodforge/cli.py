@@ -160,6 +160,7 @@ def train(benchmark: str = typer.Option("fashion_mnist", help="Benchmark whose I
           quiet: bool = typer.Option(False, "--quiet")) -> None:
     """Train a classifier (any backbone, head, loss, data mix), then score it on its benchmark."""
     from oodforge.data.benchmarks import get_benchmark
+    from oodforge.distributed import every_process
     from oodforge.evaluate import parse_detector_spec
     from oodforge.precision import PRECISIONS
     from oodforge.train import MODEL_CHECKPOINT, TrainConfig, make_fabric, with_recipe_detectors
@@ -180,13 +181,14 @@ def train(benchmark: str = typer.Option("fashion_mnist", help="Benchmark whose I
     parse_detector_spec(detectors)  # fail on a bad name or option before training
     bench = get_benchmark(benchmark)
     fabric = make_fabric(config)  # launches the DDP processes, if any: every check above ran once
-    model = run_training(config, out, resume=resume, quiet=quiet, fabric=fabric)
     scoring = precision if precision in PRECISIONS else "32-true"  # e.g. 16-mixed trains; scoring is float32
-    if fabric.world_size > 1:  # every process extracts a shard of each set into rank 0's output cache
-        from oodforge.distributed import prefill_benchmark
-        from oodforge.features import OutputCache
+    with every_process(fabric):  # then every process ends its process group, the finished ones too
+        model = run_training(config, out, resume=resume, quiet=quiet, fabric=fabric)
+        if fabric.world_size > 1:  # every process extracts a shard of each set into rank 0's output cache
+            from oodforge.distributed import prefill_benchmark
+            from oodforge.features import OutputCache
 
-        prefill_benchmark(fabric, model, bench, OutputCache(), train_subset, scoring)
+            prefill_benchmark(fabric, model, bench, OutputCache(), train_subset, scoring)
     if not fabric.is_global_zero:
         return  # rank 0 fits the detectors, scores and writes the run folder
     _evaluate_and_save(model, bench, detectors, out, {**asdict(config), "history": model.history},
