@@ -108,18 +108,21 @@ def test_defaults_follow_the_papers() -> None:
     assert {n for n, c in DETECTOR_CLASSES.items() if c.needs_fit} == {"temperature", "klm", "dice"}
 
 
-@pytest.mark.parametrize("detector, parameter", [
-    (GEN(gamma=-1), "gamma"), (GEN(gamma=0.0), "gamma"), (GEN(gamma=1.5), "gamma"), (GEN(m=0), "m"),
-    (TemperatureScaling(temperature=0.0), "temperature"), (TemperatureScaling(temperature=-2.0), "temperature"),
-    (KLMatching(match="closest"), "match"),
-    (ASH(variant="q"), "variant"), (ASH(percentile=100.0), "percentile"), (ASH(percentile=-1.0), "percentile"),
-    (SCALE(percentile=100.0), "percentile"), (SCALE(percentile=-5.0), "percentile"),
-    (DICE(sparsity=100.0), "sparsity"), (DICE(sparsity=-1.0), "sparsity"),
-    (GradNorm(temperature=0.0), "temperature"),
+@pytest.mark.parametrize("cls, options, parameter", [
+    (GEN, dict(gamma=-1), "gamma"), (GEN, dict(gamma=0.0), "gamma"), (GEN, dict(gamma=1.5), "gamma"),
+    (GEN, dict(m=0), "m"),
+    (TemperatureScaling, dict(temperature=0.0), "temperature"),
+    (TemperatureScaling, dict(temperature=-2.0), "temperature"),
+    (KLMatching, dict(match="closest"), "match"),
+    (ASH, dict(variant="q"), "variant"), (ASH, dict(percentile=100.0), "percentile"),
+    (ASH, dict(percentile=-1.0), "percentile"),
+    (SCALE, dict(percentile=100.0), "percentile"), (SCALE, dict(percentile=-5.0), "percentile"),
+    (DICE, dict(sparsity=100.0), "sparsity"), (DICE, dict(sparsity=-1.0), "sparsity"),
+    (GradNorm, dict(temperature=0.0), "temperature"),
 ])
-def test_check_names_the_bad_parameter(detector: Detector, parameter: str) -> None:
+def test_a_bad_parameter_fails_when_the_detector_is_built(cls: type, options: dict, parameter: str) -> None:
     with pytest.raises(ValueError, match=parameter):
-        detector._check()
+        cls(**options)
 
 
 @pytest.mark.parametrize("detector", [TemperatureScaling(), KLMatching(), DICE()])

@@ -271,3 +271,69 @@ def test_training_that_diverges_on_its_last_step_saves_nothing(tmp_path) -> None
     assert line.startswith("error: outputs became NaN or infinite after the last step of epoch 1 (weights up to ")
     assert line.endswith("); nothing was saved for it; lower --lr")
     assert not any((out / name).exists() for name in ("model.ckpt", "last.ckpt", "results.json", "train.json"))
+
+
+# ---------------------------------------------------------------- row 16: DDP processes end their process group
+
+DDP_SCRIPT = """
+import atexit, os, sys
+import torch.distributed
+
+def record():  # runs in every DDP process (the launcher starts rank 1 with this same script)
+    with open(sys.argv[1], "a") as handle:
+        handle.write(f"{os.getpid()} {torch.distributed.is_initialized()}\\n")
+
+atexit.register(record)
+from oodforge.cli import app
+app(sys.argv[2:], prog_name="oodforge")
+"""
+
+
+def test_every_ddp_process_ends_its_process_group_also_when_the_run_is_already_finished(tmp_path) -> None:
+    """Row 16: a 2-process CPU DDP run, then the same call again (nothing left to train): both exit 0 and every
+    process has ended its gloo process group before exiting (one left alive aborts at exit now and then:
+    "terminate called without an active exception", then exit -9)."""
+    import os
+    import subprocess
+    import sys
+
+    path = small_benchmark(tmp_path, per_class=10)
+    script = tmp_path / "ddp_cli.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    for call in ("first", "again"):
+        ends = tmp_path / f"ends-{call}.txt"
+        done = subprocess.run([sys.executable, str(script), str(ends), "train", "--benchmark", str(path),
+                               "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--batch-size", "16",
+                               "--epochs", "1", "--detectors", "msp", "--precision", "32-true", "--out", str(out),
+                               "--quiet"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        lines = ends.read_text().split()
+        assert len(lines) == 4 and lines[1::2] == ["False", "False"], (call, lines)  # 2 processes, groups ended
+    assert json.loads((out / "train.json").read_text())["history"][0]["epoch"] == 1
+
+
+def test_every_process_waits_for_its_peers_only_when_leaving_normally(monkeypatch) -> None:
+    """Row 16: leaving ``every_process`` normally: barrier, then the group is ended; leaving with an error (e.g.
+    a refused resume in every rank): the group is ended without a barrier a peer may never reach; one process:
+    nothing to end."""
+    from types import SimpleNamespace
+
+    from oodforge.distributed import every_process
+
+    calls: list[str] = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: calls.append("destroy"))
+    with every_process(SimpleNamespace(world_size=2)):
+        calls.append("work")
+    assert calls == ["work", "barrier", "destroy"]
+    calls.clear()
+    with pytest.raises(ValueError, match="refused"), every_process(SimpleNamespace(world_size=2)):
+        raise ValueError("refused")
+    assert calls == ["destroy"]
+    calls.clear()
+    with every_process(SimpleNamespace(world_size=1)):
+        calls.append("work")
+    assert calls == ["work"]

@@ -163,9 +163,7 @@ def train(benchmark: str = typer.Option("fashion_mnist", help="Benchmark whose I
     from oodforge.data.benchmarks import get_benchmark
     from oodforge.evaluation.specs import parse_detector_spec
     from oodforge.training.config import MODEL_CHECKPOINT, TrainConfig, with_recipe_detectors
-    from oodforge.training.loop import make_fabric
-    from oodforge.training.loop import train as run_training
-    from oodforge.util.precision import PRECISIONS
+    from oodforge.training.distributed import train_everywhere
     from oodforge.util.validation import check_output_folder
 
     check_output_folder(out, "--out")
@@ -181,16 +179,9 @@ def train(benchmark: str = typer.Option("fashion_mnist", help="Benchmark whose I
     detectors = with_recipe_detectors(detectors, config)
     parse_detector_spec(detectors)  # fail on a bad name or option before training
     bench = get_benchmark(benchmark)
-    fabric = make_fabric(config)  # launches the DDP processes, if any: every check above ran once
-    model = run_training(config, out, resume=resume, quiet=quiet, fabric=fabric)
-    scoring = precision if precision in PRECISIONS else "32-true"  # e.g. 16-mixed trains; scoring is float32
-    if fabric.world_size > 1:  # every process extracts a shard of each set into rank 0's output cache
-        from oodforge.evaluation.cache import OutputCache
-        from oodforge.evaluation.distributed import prefill_benchmark
-
-        prefill_benchmark(fabric, model, bench, OutputCache(), train_subset, scoring)
-    if not fabric.is_global_zero:
-        return  # rank 0 fits the detectors, scores and writes the run folder
+    model, scoring = train_everywhere(config, out, bench, resume=resume, quiet=quiet)
+    if model is None:
+        return  # another DDP process: rank 0 fits the detectors, scores and writes the run folder
     _evaluate_and_save(model, bench, detectors, out, {**asdict(config), "history": model.history},
                        str(out / MODEL_CHECKPOINT), 500, quiet, True, train_subset=train_subset, precision=scoring)
 
