@@ -91,12 +91,29 @@ def test_extract_outputs_rejects_other_data() -> None:
         extract_outputs(TinyNet(), [1, 2, 3])
 
 
-def test_detector_score_accepts_a_plain_network() -> None:
+def test_detector_score_takes_a_wrapped_network_and_names_wrap_model_for_a_plain_one() -> None:
     net = TinyNet().eval()
     x = torch.rand(5, 3, 8, 8)
     with torch.no_grad():
         expected = torch.softmax(net(x), dim=1).max(dim=1).values
-    torch.testing.assert_close(MSP().score(net, x), expected)
+    torch.testing.assert_close(MSP().score(oodforge.wrap_model(net), x), expected)
+    with pytest.raises(TypeError, match=r"oodforge\.wrap_model\(net\)"):
+        MSP().score(net, x)
+
+
+def test_detector_fit_takes_a_dataloader_and_the_model() -> None:
+    """pytorch-ood's convention: ``fit(loader, model)`` equals fitting on the extracted outputs."""
+    from oodforge.detectors.mahalanobis import Mahalanobis
+
+    model = oodforge.wrap_model(TinyNet().eval())
+    x, y = torch.rand(40, 3, 8, 8), torch.arange(40) % 3
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    from_loader = Mahalanobis().fit(loader, model)
+    from_outputs = Mahalanobis().fit(extract_outputs(model, loader, quiet=True), model)
+    test = extract_outputs(model, x[:7], quiet=True)
+    torch.testing.assert_close(from_loader.score_outputs(test), from_outputs.score_outputs(test))
+    with pytest.raises(ValueError, match="needs the model"):
+        Mahalanobis().fit(loader)
 
 
 def test_chunked_output_cache_equals_in_memory(tmp_path) -> None:

@@ -85,7 +85,7 @@ def _fittable() -> list[str]:
 def test_state_saves_and_reloads_the_same_way(name: str, fitted_setup, tmp_path) -> None:
     model, train, test = fitted_setup
     options = {"flow": {"blocks": 2, "batch_size": 32}, "vim": {"dim": 8}}.get(name, {})
-    detector = create_detector(name, **options)._prepare(train, model)
+    detector = create_detector(name, **options)._ready(train, model)
     detector.fitted_ = True
     path = detector.save(tmp_path / f"{name}.pt")
     again = Detector.load(path, model=model)

@@ -26,6 +26,7 @@ from oodforge.bench.jobs import bench_jobs, run_bench  # noqa: E402
 from oodforge.cli import app  # noqa: E402
 from oodforge.evaluation.result import Evaluation  # noqa: E402
 from oodforge.models.classifier import read_checkpoint  # noqa: E402
+from oodforge.runs.payload import MethodRun  # noqa: E402
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
 runner = CliRunner()
@@ -134,24 +135,23 @@ class FakeJob:
     run_dir: Path
 
 
-def report_worker(job: FakeJob, pause_s: float, quiet: bool = True) -> tuple:
-    """A job that says where and how it ran, in the shape of a ``run_payload`` entry."""
+def report_worker(job: FakeJob, pause_s: float, quiet: bool = True) -> MethodRun:
+    """A job that says where and how it ran, as a ``MethodRun``."""
     start = time.time()
     time.sleep(pause_s)
     info = {"omp": os.environ.get("OMP_NUM_THREADS"), "threads": torch.get_num_threads(), "start": start,
             "end": time.time(), "resources": ray.get_runtime_context().get_assigned_resources()}
-    return torch.nn.Linear(2, 3), Evaluation(id_accuracy=0.5), info, None
+    return MethodRun.of(torch.nn.Linear(2, 3), Evaluation(id_accuracy=0.5), info)
 
 
 def test_ray_tasks_get_the_resources_and_wait_for_the_jobs_they_need(tmp_path, local_ray) -> None:
     jobs = [FakeJob("a", (), tmp_path / "a"), FakeJob("b", ("a",), tmp_path / "b"), FakeJob("c", (), tmp_path / "c")]
     done = run_jobs("ray", report_worker, jobs, 0.5, quiet=True, resources={"num_cpus": 1})
     assert set(done) == {"a", "b", "c"}
-    info = {method: entry[2] for method, entry in done.items()}
+    info = {method: run.train for method, run in done.items()}
     assert all(i["omp"] == "1" and i["threads"] == 1 and i["resources"] == {"CPU": 1.0} for i in info.values())
     assert info["b"]["start"] >= info["a"]["end"]  # b reads a's files
-    model, evaluation, _, _ = done["a"]
-    assert sum(p.numel() for p in model.parameters()) == 9 and evaluation.detector_records() == {}
+    assert done["a"].model["parameters"] == 9 and done["a"].evaluation.detector_records() == {}
     with pytest.raises(ValueError, match="num_gpus 1 is more than"):
         check_fits({"num_cpus": 1, "num_gpus": 1}, ray.cluster_resources())
 

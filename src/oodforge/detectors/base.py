@@ -117,7 +117,7 @@ class Detector(metaclass=_ValidatedWhenBuilt):
     def _fit(self, train: ModelOutputs) -> None:
         """Override to learn state into attributes ending in ``_``."""
 
-    def _prepare(self, train: ModelOutputs | None, model: nn.Module | None) -> Detector:
+    def _ready(self, train: ModelOutputs | None, model: nn.Module | None) -> Detector:
         """Ready to score: ``fit`` when the detector learns, else just remember the model (for its head)."""
         if self.needs_fit:
             return self.fit(train, model)

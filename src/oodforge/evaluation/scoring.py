@@ -74,7 +74,7 @@ def score_sets(model: torch.nn.Module, detectors: dict[str, dict], outputs: dict
             bar.update(task, status=name)
             tic = time.perf_counter()
             if name not in fitted:
-                detector._prepare(train, model)
+                detector._ready(train, model)
             scores = {dataset: (input_scores(detector, model, loaders[dataset](), device, precision)
                                 if detector.needs_inputs else detector.score_outputs(outputs[dataset])
                                 ).numpy().astype(np.float64)

@@ -182,7 +182,7 @@ def _mean(by_set: dict[str, float]) -> float:
 def _validation_aurocs(detector: Detector, model, train, outputs, sets, device, batch_size: int,
                        precision: str = "32-true") -> dict[str, float]:
     """AUROC of the ID validation set against each validation OOD set (NaN for all if a score is not finite)."""
-    detector._prepare(train, model)
+    detector._ready(train, model)
     scores = {}
     for name in outputs:
         if detector.needs_inputs:
