@@ -1,6 +1,6 @@
 """Pick the best pipeline (run x detector) over several bench outputs on validation data only.
 
-Usage (issue 15, CIFAR-10 from scratch):
+Usage (CIFAR-10 from scratch):
 
     python benchmarks/best_pipeline.py benchmarks/results/cifar10_scratch_results.json \
         benchmarks/results/cifar10_scratch_losses_results.json ... --out benchmarks/results/cifar10_best_pipeline

@@ -1,4 +1,4 @@
-"""bf16 against float32 (issue 14): extraction, ODIN, training epochs and every detector's AUROC, in one process.
+"""bf16 against float32 : extraction, ODIN, training epochs and every detector's AUROC, in one process.
 
 Run: OODFORGE_DATA=... python benchmarks/bf16_speed.py [--out benchmarks/results/bf16_speed.json] [--skip-training]
 Extraction: the pretrained ResNet-20 over the `cifar10` test set and its OOD sets (41,200 images), each

@@ -1,5 +1,5 @@
 """One ResNet-20 training step (batch 128, SGD Nesterov) in float32 and bf16 autocast, with the model and
-input contiguous or channels_last: median milliseconds over steps 6-30 (issue 14's training ratio).
+input contiguous or channels_last: median milliseconds over steps 6-30 (training ratio).
 
     OODFORGE_DATA=... python benchmarks/bf16_step.py
 """

@@ -114,7 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["train", "sample-id", "sample-interp", "sweep"])
     parser.add_argument("--run", type=Path, default=ROOT / "runs" / "diffusion-fmnist")
-    parser.add_argument("--data", default="/work/shared/data")
+    parser.add_argument("--data", default=os.environ.get("OODFORGE_DATA", "data"))
     parser.add_argument("--limit", type=int, default=None, help="train on the first LIMIT images")
     parser.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     parser.add_argument("--out", type=Path, default=None)

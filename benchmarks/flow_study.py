@@ -1,4 +1,4 @@
-"""Issue 5 study: the feature-density flow vs MSP/Energy/Mahalanobis/KNN; normalization on/off;
+"""Study: the feature-density flow vs MSP/Energy/Mahalanobis/KNN; normalization on/off;
 flow epochs (1 vs 5 vs 20); several seeds of the flow fit.
 
 Run (pretrained ResNet-20 on CIFAR-10):

@@ -1,4 +1,4 @@
-"""Where a trained cosine head's class weights sit relative to the features (issue 15: ArcFace's degenerate solution).
+"""Where a trained cosine head's class weights sit relative to the features (ArcFace's degenerate solution).
 
     python benchmarks/head_geometry.py --models runs/heads_s{1,2}/{sphereface,cosface,arcface,adacos}/seed*/model.ckpt \
         --out benchmarks/results/cifar10_scratch_heads_geometry

@@ -1,6 +1,6 @@
 """Merge bench outputs of the same benchmark (e.g. seed 0 from one call, seeds 1-2 from others) into one summary.
 
-Usage (issue 15, the cosine heads: seed 0 was scored in an earlier session, seeds 1 and 2 in two parallel calls):
+Usage (the cosine heads: seed 0 was scored in an earlier session, seeds 1 and 2 in two parallel calls):
 
     python benchmarks/merge_results.py benchmarks/results/cifar10_scratch_heads_results.json \
         runs/heads_s1/results.json runs/heads_s2/results.json --out benchmarks/results/cifar10_scratch_heads

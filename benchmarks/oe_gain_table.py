@@ -1,4 +1,4 @@
-"""Without -> with outlier exposure, per run, as a Markdown table (issue 15: the README's second-set heads table).
+"""Without -> with outlier exposure, per run, as a Markdown table (the docs' second-set heads table).
 
     R=benchmarks/results; python benchmarks/oe_gain_table.py --with $R/cifar10_synthetic2_oe_summary.json \
         --without $R/cifar10_scratch_heads_summary.json $R/cifar10_scratch_summary.json \

@@ -1,4 +1,4 @@
-"""Relation's bank size (issue 12): AUROC and scoring time of the full training bank vs random subsets.
+"""Relation's bank size : AUROC and scoring time of the full training bank vs random subsets.
 
 Run: OODFORGE_DATA=... OMP_NUM_THREADS=1 python benchmarks/relation_bank.py [--out FILE.json]
 Pretrained ResNet-20 on `cifar10` (outputs from the cache, computed on a miss), one thread: the bank is the

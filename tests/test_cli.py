@@ -135,3 +135,25 @@ def test_bench_summary_of_a_single_method_payload():
 
     header, _, line = summary_markdown([row], payload).splitlines()
     assert "near FPR95" in header and "| 90.00 ± 0.00 |" in line
+
+
+def test_train_options_are_the_train_config_fields() -> None:
+    """Every TrainConfig field is one `train` option with the field's default and help (dict fields as the
+    repeatable `--head-option`/`--loss-option`), plus --out, --detectors, --resume and --quiet."""
+    from dataclasses import MISSING, fields
+
+    import typer
+
+    from oodforge.training.config import TrainConfig
+
+    command = typer.main.get_command(app).commands["train"]
+    options = {p.name: p for p in command.params}
+    for spec in fields(TrainConfig):
+        default = spec.default_factory() if spec.default is MISSING else spec.default
+        name = spec.name.removesuffix("s") if isinstance(default, dict) else spec.name
+        assert name in options, name
+        assert options[name].help == spec.metadata["help"]
+        if not isinstance(default, dict):
+            assert options[name].default == (str(default) if name == "devices" else default)
+    assert set(options) - {f.name.removesuffix("s") if f.name.endswith("_options") else f.name
+                           for f in fields(TrainConfig)} == {"out", "detectors", "resume", "quiet"}

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
+import typing
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
 import typer
@@ -135,30 +137,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="Output folder."),
                        precision=precision)
 
 
-@app.command()
-@_fail_cleanly
-def train(benchmark: str = typer.Option("fashion_mnist", help="Benchmark whose ID training set is used."),
-          out: Path = typer.Option(Path("runs/train"), help="Output folder (checkpoints, results)."),
-          backbone: str | None = typer.Option(None, help="Backbone (default: the benchmark's)."),
-          head: str = typer.Option("linear", help="Classification head."),
-          head_option: list[str] | None = typer.Option(None, help="Head option key=value (repeatable)."),
-          loss: str = typer.Option("ce", help="Training loss."),
-          loss_option: list[str] | None = typer.Option(None, help="Loss option key=value (repeatable)."),
-          epochs: int = typer.Option(5), batch_size: int = typer.Option(128), lr: float = typer.Option(0.1),
-          weight_decay: float = typer.Option(5e-4), seed: int = typer.Option(0),
-          init: str | None = typer.Option(None, help="Fine-tune from this checkpoint or weights file."),
-          outliers: str | None = typer.Option(None, help="Dataset of training outliers (outlier exposure)."),
-          oe_weight: float = typer.Option(0.5, help="Weight of the outlier-exposure term."),
-          outlier_batch_size: int | None = typer.Option(None, help="Outliers per batch (default: batch size)."),
-          synthetic_id: str | None = typer.Option(None, help="Synthetic ID set mixed into batches (SIO)."),
-          real_ratio: float = typer.Option(0.8, help="Share of real images per batch with --synthetic-id."),
-          train_subset: int | None = typer.Option(None, help="Use N training images (class-balanced)."),
-          detectors: str = typer.Option(DEFAULT_DETECTORS, help="Detectors scored after training, or 'all'."),
-          accelerator: str = typer.Option("auto"), devices: str = typer.Option("1"),
-          num_nodes: int = typer.Option(1), strategy: str = typer.Option("auto"),
-          precision: str = typer.Option("auto", help=PRECISION_HELP + " Also any Fabric precision (16-mixed, ...)."),
-          resume: bool = typer.Option(True, help="Continue from OUT/last.ckpt if present."),
-          quiet: bool = typer.Option(False, "--quiet")) -> None:
+def train(**options) -> None:
     """Train a classifier (any backbone, head, loss, data mix), then score it on its benchmark."""
     from oodforge.data.benchmarks import get_benchmark
     from oodforge.evaluation.specs import parse_detector_spec
@@ -166,29 +145,68 @@ def train(benchmark: str = typer.Option("fashion_mnist", help="Benchmark whose I
     from oodforge.training.distributed import train_everywhere
     from oodforge.util.validation import check_output_folder
 
+    out, detectors, resume, quiet = (options.pop(name) for name in ("out", "detectors", "resume", "quiet"))
     check_output_folder(out, "--out")
-    config = TrainConfig(benchmark=benchmark, backbone=backbone, head=head,
-                         head_options=_options(head_option, "head option"),
-                         loss=loss, loss_options=_options(loss_option, "loss option"), epochs=epochs,
-                         batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, init=init,
-                         outliers=outliers, oe_weight=oe_weight, outlier_batch_size=outlier_batch_size,
-                         synthetic_id=synthetic_id, real_ratio=real_ratio, train_subset=train_subset,
-                         accelerator=accelerator, devices=int(devices) if devices.isdigit() else devices,
-                         num_nodes=num_nodes, strategy=strategy, precision=precision)
-    config.validate()
+    config = TrainConfig(**_recipe(options)).validate()
     detectors = with_recipe_detectors(detectors, config)
     parse_detector_spec(detectors)  # fail on a bad name or option before training
-    bench = get_benchmark(benchmark)
+    bench = get_benchmark(config.benchmark)
     model, scoring = train_everywhere(config, out, bench, resume=resume, quiet=quiet)
     if model is None:
         return  # another DDP process: rank 0 fits the detectors, scores and writes the run folder
     _evaluate_and_save(model, bench, detectors, out, {**asdict(config), "history": model.history},
-                       str(out / MODEL_CHECKPOINT), 500, quiet, True, train_subset=train_subset, precision=scoring)
+                       str(out / MODEL_CHECKPOINT), 500, quiet, True, train_subset=config.train_subset,
+                       precision=scoring)
+
+
+def _recipe_options() -> list[inspect.Parameter]:
+    """``train``'s options, one per ``TrainConfig`` field (name, type, default and help from the field): a dict
+    field ``head_options`` is the repeatable ``--head-option key=value``; ``devices`` is read as text."""
+    from oodforge.training.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    params = []
+    for spec in fields(TrainConfig):
+        default = spec.default_factory() if spec.default is MISSING else spec.default
+        help_text = spec.metadata.get("help")
+        if isinstance(default, dict):
+            name, annotation, option = spec.name.removesuffix("s"), list[str] | None, typer.Option(None, help=help_text)
+        elif spec.name == "devices":
+            name, annotation, option = spec.name, str, typer.Option(str(default), help=help_text)
+        else:
+            name, annotation, option = spec.name, hints[spec.name], typer.Option(default, help=help_text)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
+    return params
+
+
+def _recipe(options: dict) -> dict:
+    """``train``'s recipe options as ``TrainConfig`` fields (``--head-option k=v`` -> ``head_options``)."""
+    recipe = dict(options)
+    for name in ("head_option", "loss_option"):
+        recipe[name + "s"] = _options(recipe.pop(name), name.replace("_", " "))
+    devices = recipe["devices"]
+    recipe["devices"] = int(devices) if devices.isdigit() else devices
+    return recipe
+
+
+def _keyword(name: str, annotation: object, option: object) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation)
+
+
+train.__signature__ = inspect.Signature([
+    _keyword("out", Path, typer.Option(Path("runs/train"), help="Output folder (checkpoints, results).")),
+    *_recipe_options(),
+    _keyword("detectors", str, typer.Option(DEFAULT_DETECTORS, help="Detectors scored after training, or 'all'.")),
+    _keyword("resume", bool, typer.Option(True, help="Continue from OUT/last.ckpt if present.")),
+    _keyword("quiet", bool, typer.Option(False, "--quiet")),
+])
+train = app.command(name="train")(_fail_cleanly(train))
 
 
 @app.command()
 @_fail_cleanly
-def score(benchmark: str = typer.Option(..., help="Benchmark: a registered name or a YAML file (see README)."),
+def score(benchmark: str = typer.Option(..., help="Benchmark: a registered name or a YAML file (see "
+                                                      "the YAML benchmarks guide)."),
           model: str = typer.Option(..., help="An oodforge checkpoint; a backbone name with --weights; "
                                              "torchvision:NAME, timm:NAME or module:pkg.mod:factory."),
           weights: Path | None = typer.Option(None, help="Weights (state dict) for --model, e.g. resnet20-*.th."),
@@ -230,14 +248,15 @@ def bench(config: Path = typer.Argument(..., help="YAML file: benchmark, detecto
           runs: str | None = typer.Option(None, help="Comma-separated run names: only these (e.g. one part per "
                                                      "machine; a later full call resumes and combines them)."),
           executor: str = typer.Option("local", help="local (one run x seed after another, here) or ray (each "
-                                                     "run x seed a Ray task; needs the [ray] extra)."),
+                                                     "run x seed a Ray task; needs the ray extra: "
+                                                     "pip install oodforge\\[ray])."),
           address: str | None = typer.Option(None, help="With --executor ray: the Ray cluster (auto, "
                                                         "ray://HEAD:10001); default: a local Ray instance."),
           rescore: bool = typer.Option(False, "--rescore", help="Score every run x seed again, even those whose "
                                                                 "run folder holds an evaluation of the same model "
                                                                 "made the same way."),
           seeds: str | None = typer.Option(None, help="Comma-separated seeds: only these of the config's (e.g. "
-                                                      "one seed per session; a later full call combines them)."),
+                                                      "one seed per machine; a later full call combines them)."),
           quiet: bool = typer.Option(False, "--quiet")) -> None:
     """Train and score several recipes (and seeds) from a config file into one results.json + report."""
     from oodforge.bench.jobs import run_bench

@@ -25,13 +25,14 @@ class Relation(Detector):
     official code reports 1 / (score + 1e-6) as an OOD score, which ranks the same). Sources: Kim et
     al., "Neural Relation Graph: A Unified Framework for Identifying Label Noise and Outlier Data"
     (NeurIPS 2023, arXiv:2301.12321), the official code github.com/snu-mllab/Neural-Relation-Graph
-    (relation.py: kernel ``cos_p``, thres = 0.03; README: ``--pow 1`` for OOD detection) and OpenOOD
+    (relation.py: kernel ``cos_p``, thres = 0.03; its README: ``--pow 1`` for OOD detection) and OpenOOD
     v1.5's openood/postprocessors/relation_postprocessor.py with configs/postprocessors/relation.yml
     (pow = 1, swept over 1, 2, 4, 6, 8). Both use the whole training set as the bank; here, by default, the
     bank is a seeded random subset of ``bank_size`` = 20,000 training samples (all of them when the training
     set is smaller; the whole set with ``bank_size=None``), so that scoring stays cheap next to the forward
     passes: on CIFAR-10 (ResNet-20, 50,000 training images) the full bank costs 4.2 s per 41,200 queries on
-    one thread and 20,000 samples 1.7 s, with AUROCs within 0.5 points of the full bank (two seeds; README).
+    one thread and 20,000 samples 1.7 s, with AUROCs within 0.5 points of the full bank (two seeds;
+    ``benchmarks/relation_bank.py``).
     The official code offers a strided ``--hop`` subsample for the same reason. The bank is kept as
     float32 normalized features and probabilities (gathered ``chunk_rows`` rows at a time; indices in
     ``bank_indices_``), so that a large training set (1.28M ImageNet rows) is never copied whole. Queries

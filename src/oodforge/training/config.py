@@ -22,30 +22,33 @@ MODEL_CHECKPOINT = "model.ckpt"
 class TrainConfig:
     """A training recipe. Defaults: SGD (momentum 0.9, Nesterov) with a cosine schedule, seeded."""
 
-    benchmark: str = "fashion_mnist"
-    backbone: str | None = None  # None: the benchmark's default
-    head: str = "linear"
-    head_options: dict = field(default_factory=dict)
-    loss: str = "ce"
-    loss_options: dict = field(default_factory=dict)
-    epochs: int = 5
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    seed: int = 0
-    init: str | None = None  # fine-tune from this checkpoint or weights file
-    outliers: str | None = None  # dataset spec of training outliers
-    oe_weight: float = 0.5
-    outlier_batch_size: int | None = None  # None: same as batch_size
-    synthetic_id: str | None = None  # synthetic ID set (SIO)
-    real_ratio: float = 0.8
-    train_subset: int | None = None  # use N training images, class-balanced (ImageSet.balanced_head)
-    accelerator: str = "auto"
-    devices: int | str = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = "auto"  # auto: bf16-mixed where the hardware runs bf16 natively (oodforge.util.precision)
+    benchmark: str = field(default="fashion_mnist", metadata={"help": "Benchmark whose ID training set is used."})
+    backbone: str | None = field(default=None, metadata={"help": "Backbone (default: the benchmark's)."})
+    head: str = field(default="linear", metadata={"help": "Classification head."})
+    head_options: dict = field(default_factory=dict, metadata={"help": "Head option key=value (repeatable)."})
+    loss: str = field(default="ce", metadata={"help": "Training loss."})
+    loss_options: dict = field(default_factory=dict, metadata={"help": "Loss option key=value (repeatable)."})
+    epochs: int = field(default=5, metadata={"help": "Training epochs."})
+    batch_size: int = field(default=128, metadata={"help": "Images per batch."})
+    lr: float = field(default=0.1, metadata={"help": "Learning rate (SGD, cosine schedule)."})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum (Nesterov)."})
+    weight_decay: float = field(default=5e-4, metadata={"help": "Weight decay."})
+    seed: int = field(default=0, metadata={"help": "Random seed."})
+    init: str | None = field(default=None, metadata={"help": "Fine-tune from this checkpoint or weights file."})
+    outliers: str | None = field(default=None, metadata={"help": "Dataset of training outliers (outlier exposure)."})
+    oe_weight: float = field(default=0.5, metadata={"help": "Weight of the outlier-exposure term."})
+    outlier_batch_size: int | None = field(default=None, metadata={"help": "Outliers per batch (default: batch "
+                                                                           "size)."})
+    synthetic_id: str | None = field(default=None, metadata={"help": "Synthetic ID set mixed into batches (SIO)."})
+    real_ratio: float = field(default=0.8, metadata={"help": "Share of real images per batch with --synthetic-id."})
+    train_subset: int | None = field(default=None, metadata={"help": "Use N training images (class-balanced)."})
+    accelerator: str = field(default="auto", metadata={"help": "Fabric accelerator: auto, cpu, gpu, ..."})
+    devices: int | str = field(default=1, metadata={"help": "Fabric devices: a count, or e.g. 0,1 or auto."})
+    num_nodes: int = field(default=1, metadata={"help": "Fabric nodes."})
+    strategy: str = field(default="auto", metadata={"help": "Fabric strategy: auto, ddp, ..."})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16-mixed autocast where the CPU or GPU runs "
+                                                             "bf16 natively, else 32-true), 32-true, bf16-mixed, or "
+                                                             "any Fabric precision (16-mixed, ...)."})
 
     def validate(self) -> TrainConfig:
         """Check every field's type and range at the door; one ValueError naming the field and value."""
