@@ -320,7 +320,7 @@ def test_every_process_waits_for_its_peers_only_when_leaving_normally(monkeypatc
     nothing to end."""
     from types import SimpleNamespace
 
-    from oodforge.distributed import every_process
+    from oodforge.evaluation.distributed import every_process
 
     calls: list[str] = []
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
