@@ -191,3 +191,23 @@ def test_rules_cover_every_package_part() -> None:
     """The rules name parts that exist, so a rename cannot silently disable them."""
     for part, forbidden, _ in RULES:
         assert any(_in(m, part) for m in MODULES) and any(_in(m, forbidden) for m in MODULES), (part, forbidden)
+
+
+def test_import_oodforge_exposes_the_api_lazily_and_completely() -> None:
+    """``oodforge.__all__`` is ``oodforge.api.__all__`` (also the names its TYPE_CHECKING block imports), and
+    ``import oodforge`` alone loads none of it."""
+    import subprocess
+    import sys
+
+    import oodforge
+    import oodforge.api
+
+    assert sorted(oodforge.__all__) == sorted(oodforge.api.__all__)
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    typed = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module == "oodforge.api"
+             for alias in node.names}
+    assert typed == set(oodforge.api.__all__)
+    assert all(getattr(oodforge, name) is getattr(oodforge.api, name) for name in oodforge.__all__)
+    check = "import sys, oodforge; print('oodforge.api' in sys.modules, 'torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True).stdout.split() == [
+        "False", "False"]
