@@ -27,6 +27,7 @@ from oodforge.bench.executors import check_executor, check_resources, run_jobs
 from oodforge.data.benchmarks import Benchmark, get_benchmark
 from oodforge.evaluation.cache import OutputCache
 from oodforge.evaluation.extraction import default_device
+from oodforge.evaluation.result import mean_metric, percent
 from oodforge.evaluation.runner import evaluate
 from oodforge.evaluation.specs import parse_detector_spec
 from oodforge.runs.payload import MethodRun, methods_of, print_results
@@ -251,8 +252,7 @@ def summarize(payload: dict, validation_sets: list[str] | None = None) -> list[d
             stats.update(_mean_std("id_accuracy", accuracies))
             for group in ("near", "far", None):  # None: every OOD set
                 for metric in ("auroc", "fpr95") if group else ("fpr95",):
-                    values = [np.mean([r[metric] for r in rows_of[(m, detector)] if group in (None, r["group"])]
-                                      or [np.nan]) for m in methods]
+                    values = [mean_metric(rows_of[(m, detector)], detector, metric, group) for m in methods]
                     stats.update(_mean_std(f"{group}_{metric}" if group else metric, values))
             validation = [validation_auroc(tunings.get(m), detector, common) for m in methods]
             if common and all(v is not None for v in validation):
@@ -365,4 +365,4 @@ def summary_markdown(summary: list[dict], payload: dict) -> str:
 
 def pm_cell(row: dict, name: str) -> str:
     """A summary metric as "mean ± std" in percent."""
-    return f"{100 * row[name + '_mean']:.2f} ± {100 * row[name + '_std']:.2f}"
+    return f"{percent(row[name + '_mean'])} ± {percent(row[name + '_std'])}"

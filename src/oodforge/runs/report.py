@@ -24,6 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import auc, roc_curve
 
+from oodforge.evaluation.result import percent
 from oodforge.runs.folder import finish_pending, scores_digest
 from oodforge.util.atomic import atomic_write
 from oodforge.util.errors import ConfigError, MissingPathError
@@ -287,10 +288,6 @@ def _esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _percent(value: float) -> str:
-    return DASH if math.isnan(value) else f"{100 * value:.2f}"
-
-
 def _best(values: Iterable[float], better: str) -> float:
     """Best value at shown precision (percent, 2 decimals); NaN when no value is finite."""
     shown = [round(100 * value, 2) for value in values if not math.isnan(value)]
@@ -304,7 +301,7 @@ def _num_cell(key: str, value: float, best: float) -> str:
     css = "num best" if is_best else "num"
     raw = "" if math.isnan(value) else repr(value)
     title = ' title="best for this OOD set"' if is_best else ""
-    return f'<td class="{css}" data-key="{key}" data-value="{raw}"{title}>{_percent(value)}</td>'
+    return f'<td class="{css}" data-key="{key}" data-value="{raw}"{title}>{percent(value)}</td>'
 
 
 def _header_cells(columns: Sequence[tuple[str, str, str]]) -> str:
@@ -396,7 +393,7 @@ def _key_values(title: str, mapping: Any) -> str:
 
 
 def _accuracy(value: Any) -> str:
-    return _percent(_metric(value)) + " %" if not math.isnan(_metric(value)) else DASH
+    return percent(_metric(value)) + " %" if not math.isnan(_metric(value)) else DASH
 
 
 def _methods_table(methods: Any) -> str:
