@@ -30,7 +30,12 @@ _INSTALLED_ROOTS = tuple(sorted({
 def code_identity(classes: set[type]) -> dict[str, str]:
     """``{module or distribution: version or digest}`` for the code that defines ``classes``."""
     identity: dict[str, str] = {}
+    seen: set[str] = set()
     for cls in sorted(classes, key=lambda c: (c.__module__, c.__qualname__)):
+        module = sys.modules.get(cls.__module__)
+        if getattr(module, "__file__", None) is not None and cls.__module__ in seen:
+            continue  # one entry per module that has a source file
+        seen.add(cls.__module__)
         identity.update(module_identity(cls.__module__, cls))
     return identity
 
@@ -46,7 +51,7 @@ def module_identity(name: str, cls: type | None = None) -> dict[str, str]:
     file = getattr(module, "__file__", None)
     if module is None or file is None:  # e.g. a class typed into a notebook: digest its compiled methods
         return {f"{name}.{cls.__qualname__ if cls else ''}": _class_digest(cls) if cls else "unknown"}
-    path = Path(file).resolve()
+    path = _resolved(file)
     top = name.split(".", 1)[0]
     if str(path).startswith(_INSTALLED_ROOTS):
         return {top: _distribution_version(top)}
@@ -85,7 +90,7 @@ def _package_sources(root: Path) -> tuple[tuple[str, int, int], ...]:
     for module in list(sys.modules.values()):
         file = getattr(module, "__file__", None)
         if file and file.endswith(".py"):
-            path = Path(file).resolve()
+            path = _resolved(file)
             if path.is_relative_to(root) and not str(path).startswith(_INSTALLED_ROOTS):
                 tops.add(path.relative_to(root).parts[0])
     files = []
@@ -95,6 +100,12 @@ def _package_sources(root: Path) -> tuple[tuple[str, int, int], ...]:
                 stat = path.stat()
                 files.append((str(path), stat.st_size, stat.st_mtime_ns))
     return tuple(sorted(files))
+
+
+@functools.cache
+def _resolved(file: str) -> Path:
+    """A module file's real path (memoized: resolving every loaded module's path again each time is slow)."""
+    return Path(file).resolve()
 
 
 @functools.lru_cache(maxsize=64)
