@@ -53,6 +53,7 @@ class Benchmark:
     resize: str = "stretch"  # "stretch" or "shorter_crop" (resize the shorter side, then centre-crop)
     streaming: str = "never"  # folder datasets: "auto", "always" or "never" (decode into memory)
     val: dict = field(default_factory=dict)  # {"id": spec or {"holdout": n}, "ood": {name: {data, split, group}}}
+    calibration: str | None = None  # ID images a guard calibrates on (a dataset spec); default: see oodforge.deploy
     path: str | None = None  # the YAML file, if any
 
     def spec(self, key: str) -> str:
@@ -78,6 +79,17 @@ class Benchmark:
         images = load_dataset(self.spec(name), "test", root, image_shape=self.image_shape, streaming=self.streaming,
                               resize=self.resize)
         return adapt(images, self.image_shape, self.resize)
+
+    def calibration_set(self, spec: str | None = None, root: str | Path | None = None) -> Images | None:
+        """The guard calibration images of dataset ``spec`` (default: the benchmark's ``calibration`` key), in the
+        benchmark's image format and class order; None when neither names one."""
+        spec = spec or self.calibration
+        if spec is None:
+            return None
+        images = load_dataset(spec, "test", root, image_shape=self.image_shape, streaming=self.streaming,
+                              resize=self.resize)
+        classes = list(self.classes) if self.classes else self.id_set("test", root).classes
+        return relabel(adapt(images, self.image_shape, self.resize), classes, spec)
 
     def without_missing_ood(self, root: str | Path | None = None) -> tuple[Benchmark, list[str]]:
         """(this benchmark without the OOD test sets whose files are missing, one message per set dropped).

@@ -28,7 +28,7 @@ from oodforge.util.atomic import read_yaml_mapping
 from oodforge.util.errors import ConfigError, MissingPathError
 
 KEYS = {"name", "id", "ood", "val", "image_size", "mean", "std", "classes", "channels", "augment", "backbone",
-        "streaming", "description"}
+        "streaming", "description", "calibration"}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 GROUPS = ("near", "far")
 
@@ -55,6 +55,9 @@ def load_benchmark_file(path: Path) -> Benchmark:
     size = _image_size(config.get("image_size"), path)
     for key, spec in sources.items():
         check_spec(spec, path, "id." + key[3:] if key.startswith("id:") else f"ood.{key}")
+    calibration = _resolve(config["calibration"], path, "calibration") if "calibration" in config else None
+    if calibration is not None:
+        check_spec(calibration, path, "calibration")
     return Benchmark(
         name=name, id_dataset=name, ood={n: group for n, (_, group) in ood.items()},
         image_shape=(*size, channels), mean=tuple(mean) * (channels // len(mean)),
@@ -63,7 +66,7 @@ def load_benchmark_file(path: Path) -> Benchmark:
         default_backbone=_text(config.get("backbone", "resnet18"), path, "backbone"), sources=sources,
         classes=_classes(config.get("classes"), path), resize="shorter_crop",
         streaming=_streaming(config.get("streaming", "auto"), path), val=_val(config.get("val"), path),
-        path=str(path))
+        calibration=calibration, path=str(path))
 
 
 def check_spec(spec: str, path: Path, key: str) -> None:

@@ -19,8 +19,17 @@ def default_chunk_rows(dim: int) -> int:
     return max(1, CHUNK_BYTES // (8 * max(1, dim)))
 
 
+def exporting() -> bool:
+    """Whether a graph is being traced for export (ONNX, TorchScript): detectors then score unchunked, so that the
+    exported graph works for any batch size."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
 def row_slices(rows: int, dim: int, chunk_rows: int | None = None) -> list[slice]:
-    """Consecutive row ranges covering ``rows`` rows, ``chunk_rows`` each (default: ``default_chunk_rows(dim)``)."""
+    """Consecutive row ranges covering ``rows`` rows, ``chunk_rows`` each (default: ``default_chunk_rows(dim)``);
+    one range over every row while a graph is exported."""
+    if exporting():
+        return [slice(None)]
     step = default_chunk_rows(dim) if chunk_rows is None else chunk_rows
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
