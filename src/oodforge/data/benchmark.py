@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -122,22 +123,37 @@ class Benchmark:
         """(images to fit detectors on, ID validation images): a separate ``val.id`` set, or a class-balanced
         hold-out taken from the end of the training split (``holdout_count`` images)."""
         train = self.id_set("train", root)
-        source = self.val.get("id", {"holdout": VAL_HOLDOUT})
-        if isinstance(source, dict):
-            count = self.holdout_count(len(train))
-            held = len(train) - 1 - balanced_index(train.labels[::-1], count)
-            keep = np.setdiff1d(np.arange(len(train)), held)
-            return train.subset(keep), train.subset(np.sort(held), f"{train.name}-val")
+        held = self.holdout_index(train)
+        if held is not None:
+            return self.without_holdout(train), train.subset(held, f"{train.name}-val")
+        source = self.val["id"]
         images = load_dataset(source, "test", root, image_shape=self.image_shape, streaming=self.streaming,
                               resize=self.resize)
         classes = list(self.classes) if self.classes else train.classes
         return train, relabel(adapt(images, self.image_shape, self.resize), classes, source)
 
+    def val_id_source(self) -> dict | str:
+        """The ``val.id`` entry: a dataset spec (a separate set) or ``{"holdout": n}`` (default ``VAL_HOLDOUT``)."""
+        return self.val.get("id", {"holdout": VAL_HOLDOUT})
+
+    def holdout_index(self, train: Images) -> np.ndarray | None:
+        """Sorted positions in ``train`` (the ID training split) of the images ``split_train`` holds out for ID
+        validation: ``holdout_count`` class-balanced images from its end; None with a separate ``val.id`` set."""
+        count = self.holdout_count(len(train))
+        if count is None:
+            return None
+        return np.sort(len(train) - 1 - balanced_index(train.labels[::-1], count))
+
+    def without_holdout(self, train: Images) -> Images:
+        """``train`` (the ID training split) minus the ID validation hold-out; all of it with a separate ``val.id``."""
+        held = self.holdout_index(train)
+        return train if held is None else train.subset(np.setdiff1d(np.arange(len(train)), held))
+
     def holdout_count(self, train_size: int) -> int | None:
         """How many of ``train_size`` training images ``split_train`` holds out for ID validation: the configured
         ``val.id.holdout`` (default ``VAL_HOLDOUT``) but at most ``VAL_HOLDOUT_SHARE`` of them; None with a
         separate ``val.id`` set. A split too small to hold out even one image is one ``ValueError``."""
-        source = self.val.get("id", {"holdout": VAL_HOLDOUT})
+        source = self.val_id_source()
         if not isinstance(source, dict):
             return None
         count = min(int(source.get("holdout", VAL_HOLDOUT)), int(train_size * VAL_HOLDOUT_SHARE))
@@ -145,6 +161,13 @@ class Benchmark:
             raise ConfigError(f"benchmark {self.name!r}: its ID training split has {train_size} images, too few to "
                              f"hold out {VAL_HOLDOUT_SHARE:.0%} of them for validation; give a separate 'val.id' set")
         return count
+
+    def holdout_rule(self) -> str | None:
+        """How ``holdout_count`` sizes the hold-out, in words (None with a separate ``val.id`` set)."""
+        source = self.val_id_source()
+        if not isinstance(source, dict):
+            return None
+        return f"min({int(source.get('holdout', VAL_HOLDOUT))}, {VAL_HOLDOUT_SHARE:.0%} of the training split)"
 
     def val_ood_sets(self, root: str | Path | None = None, limit: int = VAL_LIMIT) -> dict[str, Images]:
         """The validation OOD sets (at most ``limit`` evenly spaced images each), in the ID format."""
@@ -227,3 +250,17 @@ def _luma(rgb: torch.Tensor) -> torch.Tensor:
     """ITU-R 601 luma of uint8 (N, 3, H, W) images, rounded to uint8 (N, 1, H, W)."""
     weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
     return (rgb.float() * weights).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+
+
+def holdout_record(benchmark: Benchmark, root: str | Path | None = None, train: Images | None = None) -> dict:
+    """Which ID training images ``benchmark`` keeps back for validation: ``{"images", "of_train", "rule",
+    "indices_sha256", "source"}`` (``train``: the ID training split, loaded when not given), or ``{"separate":
+    spec}`` with a separate ``val.id`` set. The hash is SHA-256 of the sorted positions as int64 little-endian."""
+    source = benchmark.val_id_source()
+    if not isinstance(source, dict):
+        return {"separate": str(source)}
+    train = benchmark.id_set("train", root) if train is None else train
+    held = benchmark.holdout_index(train)
+    return {"images": len(held), "of_train": len(train), "rule": benchmark.holdout_rule(),
+            "indices_sha256": hashlib.sha256(held.astype("<i8").tobytes()).hexdigest(),
+            "source": benchmark.spec("id:train")}

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from oodforge.data.benchmark import VAL_HOLDOUT, VAL_HOLDOUT_SHARE, Benchmark, Images
+from oodforge.data.benchmark import Benchmark, Images
 from oodforge.data.datasets import overlaps
 from oodforge.detectors import Detector, ModelOutputs
 from oodforge.evaluation.cache import OutputCache
@@ -123,12 +123,10 @@ def tune(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, dict
 
 def _holdout_record(benchmark: Benchmark, fit_images: Images, val_id: Images) -> dict:
     """``{"id_holdout": {...}}`` when the ID validation images were held out of the training split, else {}."""
-    source = benchmark.val.get("id", {"holdout": VAL_HOLDOUT})
-    if not isinstance(source, dict):
+    rule = benchmark.holdout_rule()
+    if rule is None:
         return {}
-    configured = int(source.get("holdout", VAL_HOLDOUT))
-    return {"id_holdout": {"images": len(val_id), "of_train": len(fit_images) + len(val_id),
-                           "rule": f"min({configured}, {VAL_HOLDOUT_SHARE:.0%} of the training split)"}}
+    return {"id_holdout": {"images": len(val_id), "of_train": len(fit_images) + len(val_id), "rule": rule}}
 
 
 def _search(label: str, options: dict, trials: list[dict], model, train, outputs, sets, device,

@@ -105,11 +105,25 @@ def check_model_runs(model: nn.Module, benchmark: Benchmark, classes: int, what:
 
 def training_outliers(checkpoint: str | Path | None) -> str | None:
     """The training-outlier source an oodforge checkpoint records (``model.ckpt`` or ``last.ckpt``), else None."""
+    recipe = _recorded(checkpoint, "train_config")
+    return recipe.get("outliers") if isinstance(recipe, dict) else None
+
+
+def held_out_record(checkpoint: str | Path | None) -> dict | None:
+    """The ``held_out`` record of an oodforge checkpoint (``model.ckpt`` or ``last.ckpt``): which ID training images
+    its training left out for validation; None for other files and for checkpoints written without one."""
+    record = _recorded(checkpoint, "held_out")
+    return record if isinstance(record, dict) else None
+
+
+def _recorded(checkpoint: str | Path | None, key: str) -> object:
+    """``key`` of an oodforge checkpoint: at its top (``last.ckpt``) or in its ``extra`` (``model.ckpt``); else None."""
     if checkpoint is None or not Path(checkpoint).is_file():
         return None
     try:
         state = read_checkpoint(checkpoint)
     except CheckpointError:  # loadable by its own library (e.g. safetensors) but no oodforge checkpoint
         return None
-    recipe = state.get("train_config") or (state.get("extra") or {}).get("train_config") or {}
-    return recipe.get("outliers") if isinstance(recipe, dict) else None
+    extra = state.get("extra")
+    value = state.get(key)
+    return extra.get(key) if value is None and isinstance(extra, dict) else value

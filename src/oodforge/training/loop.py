@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader
 
 from oodforge.data.batches import AUGMENTATIONS, TensorBatches
+from oodforge.data.benchmark import Images, holdout_record
 from oodforge.data.benchmarks import Benchmark, adapt, get_benchmark
 from oodforge.data.datasets import load_dataset, overlaps
 from oodforge.data.imageset import ImageSet
@@ -129,9 +131,20 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((3, tuple(state["python"]), None))
 
 
-def training_data(config: TrainConfig, benchmark: Benchmark) -> tuple[ImageSet, ImageSet | None, ImageSet | None]:
-    """(real ID train set, synthetic ID set or None, outlier set or None), all in the ID image format."""
-    real = benchmark.id_set("train")
+class TrainingData(NamedTuple):
+    """The images a recipe trains on, all in the ID image format, and the ``held_out`` record of what it leaves out."""
+
+    real: Images  # the ID training split minus the ID validation hold-out (then ``train_subset``'s head)
+    synthetic: ImageSet | None
+    outliers: ImageSet | None
+    held_out: dict  # ``holdout_record``: the held-out images, or {"separate": val.id spec}
+
+
+def training_data(config: TrainConfig, benchmark: Benchmark) -> TrainingData:
+    """The real ID images (without the ID validation images ``Benchmark.split_train`` holds out), the synthetic ID
+    set and the outlier set of a recipe, with the record of the hold-out."""
+    train = benchmark.id_set("train")
+    real = benchmark.without_holdout(train)
     if config.train_subset:
         real = real.balanced_head(config.train_subset)
     synthetic = adapt(load_dataset(config.synthetic_id, "train"), benchmark.image_shape, benchmark.resize) \
@@ -141,7 +154,7 @@ def training_data(config: TrainConfig, benchmark: Benchmark) -> tuple[ImageSet, 
         check_outlier_source(benchmark, config.outliers)
         outliers = adapt(load_dataset(config.outliers, "train", image_shape=benchmark.image_shape),
                          benchmark.image_shape, benchmark.resize)
-    return real, synthetic, outliers
+    return TrainingData(real, synthetic, outliers, holdout_record(benchmark, train=train))
 
 
 def check_outlier_source(benchmark: Benchmark, source: str) -> None:
@@ -203,7 +216,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, quiet: 
     step = TrainStep(model, loss_fn, config.oe_weight)
     optimizer = torch.optim.SGD(step.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay, nesterov=config.momentum > 0)
-    real, synthetic, outliers = training_data(config, benchmark)
+    real, synthetic, outliers, held_out = training_data(config, benchmark)
     transform = benchmark.train_transform()
     sampler = MixedBatchSampler(len(real), config.batch_size, len(synthetic) if synthetic else 0,
                                 config.real_ratio, config.seed, fabric.global_rank, fabric.world_size)
@@ -216,6 +229,8 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, quiet: 
         state = read_checkpoint(last)
         if state.get("train_config") != asdict(config):
             raise CheckpointError(f"{last} was written by a different recipe; use a new --out or --no-resume")
+        if state.get("held_out") != held_out:
+            raise CheckpointError(f"{last} was written with other training images; use a new --out or --no-resume")
         step.load_state_dict(state["step"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -270,13 +285,14 @@ def train(config: TrainConfig, out_dir: str | Path, resume: bool = True, quiet: 
                                    "train_config": asdict(config), "epoch": epoch + 1, "history": history,
                                    "model": model.state_dict(), "step": step.state_dict(),
                                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                   "rng": _rng_state()}, last)
+                                   "rng": _rng_state(), "held_out": held_out}, last)
     attach_centres(model, loss_fn)
     if fabric.is_global_zero:
         copy_sample_grids(config, out_dir)
     if fabric.is_global_zero and len(history) == config.epochs:
-        save_classifier(model, out_dir / MODEL_CHECKPOINT, extra={"train_config": asdict(config), "history": history})
-        atomic_json({"train_config": asdict(config), "history": history}, out_dir / "train.json")
+        record = {"train_config": asdict(config), "history": history, "held_out": held_out}
+        save_classifier(model, out_dir / MODEL_CHECKPOINT, extra=record)
+        atomic_json(record, out_dir / "train.json")
     model.history = history
     return model.eval()
 
