@@ -287,6 +287,18 @@ def _register_generate() -> None:
 _register_generate()
 
 
+def _register_guard() -> None:
+    from oodforge.cli.guard import guard_app, predict
+
+    for command in guard_app.registered_commands:
+        command.callback = _fail_cleanly(command.callback)
+    app.add_typer(guard_app, name="guard")
+    app.command(name="predict")(_fail_cleanly(predict))
+
+
+_register_guard()
+
+
 @app.command()
 def datasets() -> None:
     """List registered datasets and benchmarks, and whether their files are found."""

@@ -131,7 +131,7 @@ def build_guard(benchmark: Benchmark, model: str, weights: str | Path | None = N
     guard.calibrate(_scores(guard, plan.calibration, cache, device, batch_size, quiet), source=plan.calibration.name)
     report = {"benchmark": benchmark.name, "detector": guard.detector_name, "params": fitted.get_params(),
               "alpha": alpha, "threshold": guard.threshold, "calibration": {"images": len(plan.calibration),
-              "source": plan.calibration.name, "rule": plan.rule, **plan.details},
+              "source": plan.calibration.name, "kind": plan.rule, **plan.details},
               "fit_images": len(plan.fit) if fitted.needs_fit else 0, **({"auto": choice} if choice else {})}
     report["id_test"] = _flagged(guard, plan.report_id, cache, device, batch_size, quiet)
     report["val_ood"] = {name: _flagged(guard, images, cache, device, batch_size, quiet)

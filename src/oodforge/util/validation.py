@@ -97,3 +97,12 @@ def check_output_folder(path: str | Path, flag: str = "--out") -> Path:
             except OSError:
                 break
     return path
+
+
+def check_output_file(path: str | Path, flag: str = "--output") -> Path:
+    """Refuse an output file that is a folder or whose folder cannot be written, before any work."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder, not a file")
+    check_output_folder(path.parent if str(path.parent) else Path("."), flag)
+    return path
