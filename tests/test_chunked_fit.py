@@ -12,7 +12,7 @@ from torch.utils._pytree import tree_flatten
 from oodforge.detectors.base import ModelOutputs
 from oodforge.detectors.chunks import row_slices
 from oodforge.detectors.knn import KNN
-from oodforge.detectors.mahalanobis import Mahalanobis, _squared_distances
+from oodforge.detectors.mahalanobis import Mahalanobis, squared_distances
 from oodforge.detectors.vim import ViM
 
 ROWS, DIM, CLASSES = 500, 16, 5
@@ -60,8 +60,8 @@ def test_squared_distances_in_blocks(elements):
     generator = torch.Generator().manual_seed(4)
     points, centres = torch.randn(23, 8, generator=generator).double(), torch.randn(5, 8, generator=generator).double()
     expected = ((points.numpy()[:, None, :] - centres.numpy()[None]) ** 2).sum(axis=2)
-    np.testing.assert_allclose(_squared_distances(points, centres, elements).numpy(), expected, rtol=1e-12)
-    assert _squared_distances(points[:0], centres, elements).shape == (0, 5)
+    np.testing.assert_allclose(squared_distances(points, centres, elements).numpy(), expected, rtol=1e-12)
+    assert squared_distances(points[:0], centres, elements).shape == (0, 5)
 
 
 def test_mahalanobis_chunked_matches_numpy(data):

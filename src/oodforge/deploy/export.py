@@ -36,6 +36,9 @@ class GuardGraph(nn.Module):
     def __init__(self, guard: Guard) -> None:
         super().__init__()
         self.model, self.detector = guard.model, guard.detector
+        for name, value in vars(guard.detector).items():  # e.g. a flow: traced as parameters, not constants
+            if isinstance(value, nn.Module) and value is not guard.model:
+                self.add_module(f"detector_{name.strip('_')}", value)
         calibration = guard._require_calibration()
         classes = len(guard.classes) if guard.class_conditional else 1
         sets = ([calibration.by_class.get(c, torch.empty(0, dtype=torch.float64)) for c in range(classes)]

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
-from oodforge.detectors.chunks import CHUNK_ROWS
+from oodforge.detectors.chunks import CHUNK_ROWS, row_slices
 from oodforge.detectors.head import head_logits
 from oodforge.scores import energy_score
 from oodforge.util.errors import ConfigError
@@ -71,6 +71,7 @@ def ash_features(features: Tensor, variant: str, percentile: float) -> Tensor:
 
 def kept_count(width: int, percentile: float) -> int:
     """How many activations per sample stay: D - round(D * percentile / 100) (numpy's rounding), at least 1."""
+    width = int(width)  # a traced shape is a tensor, which round() does not take
     return max(1, width - round(width * percentile / 100.0))
 
 
@@ -92,6 +93,6 @@ def shaped_energy(model: nn.Module, features: Tensor, shape: Callable[[Tensor], 
     features = features.detach()
     if features.ndim != 2:
         raise ConfigError(f"features must be (N, D), got {tuple(features.shape)}")
-    parts = [energy_score(head_logits(model, shape(features[start:start + CHUNK_ROWS])).double())
-             for start in range(0, len(features), CHUNK_ROWS)]
+    parts = [energy_score(head_logits(model, shape(features[rows])).double())
+             for rows in row_slices(features.shape[0], features.shape[1], CHUNK_ROWS)]
     return torch.cat(parts).float().to(features.device) if parts else features.new_zeros(0, dtype=torch.float32)

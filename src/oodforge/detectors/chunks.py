@@ -27,7 +27,8 @@ def exporting() -> bool:
 
 def row_slices(rows: int, dim: int, chunk_rows: int | None = None) -> list[slice]:
     """Consecutive row ranges covering ``rows`` rows, ``chunk_rows`` each (default: ``default_chunk_rows(dim)``);
-    one range over every row while a graph is exported."""
+    one range over every row while a graph is exported. Pass ``x.shape[0]``, not ``len(x)``, for a batch that may
+    be traced: ``len`` fixes an exported graph's batch size."""
     if exporting():
         return [slice(None)]
     step = default_chunk_rows(dim) if chunk_rows is None else chunk_rows

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
-from oodforge.detectors.chunks import CHUNK_ROWS, column_mean
+from oodforge.detectors.chunks import CHUNK_ROWS, column_mean, row_slices
 from oodforge.detectors.head import linear_head
 from oodforge.detectors.react import percentile
 from oodforge.scores import energy_score
@@ -57,6 +57,6 @@ class DICE(Detector):
         if features.ndim != 2 or features.shape[1] != self.weight_.shape[1]:
             raise ConfigError(f"dice: features must be (N, {self.weight_.shape[1]}), got {tuple(features.shape)}")
         weight, bias = self.weight_.to(features.device), self.bias_.to(features.device)
-        parts = [energy_score(features[start:start + CHUNK_ROWS].double() @ weight.T + bias)
-                 for start in range(0, len(features), CHUNK_ROWS)]
+        parts = [energy_score(features[rows].double() @ weight.T + bias)
+                 for rows in row_slices(features.shape[0], features.shape[1], CHUNK_ROWS)]
         return torch.cat(parts).float() if parts else features.new_zeros(0, dtype=torch.float32)

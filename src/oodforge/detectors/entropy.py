@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
-from oodforge.detectors.chunks import CHUNK_ROWS
+from oodforge.detectors.chunks import CHUNK_ROWS, row_slices
 
 
 @DETECTORS.register("entropy")
@@ -24,7 +24,7 @@ class Entropy(Detector):
 
     def _score(self, outputs: ModelOutputs) -> Tensor:
         logits = outputs.logits.detach()
-        parts = [negative_entropy(logits[start:start + CHUNK_ROWS]) for start in range(0, len(logits), CHUNK_ROWS)]
+        parts = [negative_entropy(logits[rows]) for rows in row_slices(logits.shape[0], logits.shape[1], CHUNK_ROWS)]
         return torch.cat(parts).float() if parts else logits.new_zeros(0, dtype=torch.float32)
 
 

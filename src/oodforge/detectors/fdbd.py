@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
-from oodforge.detectors.chunks import column_mean
+from oodforge.detectors.chunks import column_mean, row_slices
 from oodforge.detectors.head import linear_head
 from oodforge.util.errors import ConfigError
 
@@ -71,8 +71,8 @@ class FDBD(Detector):
         weight, bias, gaps = self.weight_.to(device), self.bias_.to(device), self.weight_gaps_.to(device)
         mean = self.train_mean_.to(device)
         parts = []
-        for start in range(0, len(features), self.chunk_rows):
-            chunk = features[start:start + self.chunk_rows].to(torch.float64)
+        for rows in row_slices(features.shape[0], dim, self.chunk_rows):
+            chunk = features[rows].to(torch.float64)
             logits = chunk @ weight.T + bias
             top, predicted = logits.max(dim=1)
             distances = (top[:, None] - logits) / gaps[predicted]

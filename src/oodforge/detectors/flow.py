@@ -6,6 +6,7 @@ import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -15,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
+from oodforge.detectors.chunks import exporting, row_slices
 from oodforge.util.errors import ConfigError, MissingPathError
 
 NONFINITE_SCORE = -1e30
@@ -151,9 +153,11 @@ class FlowDensity(Detector):
     def _log_likelihood(self, features: Tensor) -> Tensor:
         """log p of prepared (N, D) features, on the CPU, in chunks, without gradients."""
         self.flow_.eval()
+        log_prob = partial(_traceable_log_prob, self.flow_) if exporting() else self.flow_.log_prob
         with torch.no_grad():
             parts = [
-                self.flow_.log_prob(chunk.to(self.device_)).cpu() for chunk in features.split(SCORE_CHUNK)
+                log_prob(features[rows].to(self.device_)).cpu()
+                for rows in row_slices(features.shape[0], features.shape[1], SCORE_CHUNK)
             ]
         return torch.cat(parts) if parts else features.new_zeros(0)
 
@@ -161,15 +165,14 @@ class FlowDensity(Detector):
         with _torch_threads(self.threads):
             scores = self._log_likelihood(self._prepare(outputs.features, self.feature_dim_))
         bad = ~torch.isfinite(scores)
-        if bad.any():
+        if not exporting() and bad.any():
             warnings.warn(
                 f"flow: {int(bad.sum())} of {len(scores)} log-likelihoods were NaN or infinite; "
                 f"they score {NONFINITE_SCORE:g} (lowest)",
                 RuntimeWarning,
                 stacklevel=3,
             )
-            scores[bad] = NONFINITE_SCORE
-        return scores.to(outputs.features.device)
+        return torch.where(bad, NONFINITE_SCORE, scores).to(outputs.features.device)
 
     def _prepare(self, features: Tensor, expected: int | None = None) -> Tensor:
         """Float32 (N, D) features on the CPU (D = ``expected`` if given), L2-normalized if ``normalize``."""
@@ -233,6 +236,17 @@ class FlowDensity(Detector):
         detector.model_ = model
         detector.fitted_ = True
         return detector
+
+
+def _traceable_log_prob(flow: nf.NormalizingFlow, x: Tensor) -> Tensor:
+    """``flow.log_prob(x)`` of a fitted flow, in a form a traced graph keeps for any batch size: normflows sizes
+    its sum with ``len(x)``, and its ``ActNorm`` asks whether it is initialized (a fitted one is)."""
+    log_q, z = x.new_zeros(x.shape[0]), x
+    for layer in reversed(flow.flows):
+        inverse = nf.flows.AffineConstFlow.inverse if isinstance(layer, nf.flows.ActNorm) else type(layer).inverse
+        z, log_det = inverse(layer, z)
+        log_q = log_q + log_det
+    return log_q + flow.q0.log_prob(z)
 
 
 def _read_payload(path: Path) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs, size_within
-from oodforge.detectors.chunks import CHUNK_ROWS
+from oodforge.detectors.chunks import CHUNK_ROWS, row_slices
 from oodforge.util.errors import ConfigError
 
 
@@ -41,7 +41,7 @@ class GEN(Detector):
     def _score(self, outputs: ModelOutputs) -> Tensor:
         logits = outputs.logits.detach()
         m = size_within(self, "m", logits.shape[1], "classes", warn=False)
-        parts = [self._block(logits[start:start + CHUNK_ROWS], m) for start in range(0, len(logits), CHUNK_ROWS)]
+        parts = [self._block(logits[rows], m) for rows in row_slices(logits.shape[0], logits.shape[1], CHUNK_ROWS)]
         return torch.cat(parts).float() if parts else logits.new_zeros(0, dtype=torch.float32)
 
     def _block(self, logits: Tensor, m: int) -> Tensor:

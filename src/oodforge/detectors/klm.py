@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
-from oodforge.detectors.chunks import CHUNK_ROWS
+from oodforge.detectors.chunks import CHUNK_ROWS, row_slices
 from oodforge.util.errors import ConfigError
 
 MATCHES = ("nearest", "predicted")
@@ -62,7 +62,7 @@ class KLMatching(Detector):
         logits = outputs.logits.detach()
         if logits.ndim != 2 or logits.shape[1] != self.templates_.shape[1]:
             raise ConfigError(f"klm: logits must be (N, {self.templates_.shape[1]}), got {tuple(logits.shape)}")
-        parts = [self._block(logits[start:start + CHUNK_ROWS]) for start in range(0, len(logits), CHUNK_ROWS)]
+        parts = [self._block(logits[rows]) for rows in row_slices(logits.shape[0], logits.shape[1], CHUNK_ROWS)]
         return torch.cat(parts).float() if parts else logits.new_zeros(0, dtype=torch.float32)
 
     def _block(self, logits: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
-from oodforge.detectors.chunks import check_chunk_rows, row_slices
+from oodforge.detectors.chunks import check_chunk_rows, exporting, row_slices
 from oodforge.util.errors import ConfigError
 
 
@@ -62,9 +62,9 @@ class Mahalanobis(Detector):
         if features.ndim != 2 or features.shape[1] != dim:
             raise ConfigError(f"features must have shape (N, {dim}), got {tuple(features.shape)}")
         parts = []
-        for rows in row_slices(len(features), dim, self.chunk_rows):
+        for rows in row_slices(features.shape[0], dim, self.chunk_rows):
             whitened = features[rows].to(self.whitening_.device, torch.float64) @ self.whitening_
-            parts.append(_squared_distances(whitened, self.whitened_means_).min(dim=1).values)
+            parts.append(squared_distances(whitened, self.whitened_means_).min(dim=1).values)
         squared = torch.cat(parts) if parts else self.whitening_.new_zeros(0)
         return -squared.float().to(features.device)
 
@@ -95,13 +95,16 @@ def pinv_sqrt(covariance: Tensor, rtol: float | None = None) -> Tensor:
     return eigenvectors[:, keep] / eigenvalues[keep].sqrt()
 
 
-def _squared_distances(points: Tensor, centres: Tensor, elements: int = 1 << 21) -> Tensor:
+def squared_distances(points: Tensor, centres: Tensor, elements: int = 1 << 21) -> Tensor:
     """Squared Euclidean distances (N, C), computed exactly (no ||a||^2 - 2ab + ||b||^2 shortcut).
 
     Blocks of rows whose (rows, C, D) differences hold at most ``elements`` numbers go through one
     preallocated buffer, so the loop allocates nothing (fresh big blocks each step either fault in
-    new pages or, interleaved with small allocations, fragment the heap).
+    new pages or, interleaved with small allocations, fragment the heap). While a graph is exported, all rows go
+    at once, so that it takes any batch size.
     """
+    if exporting():
+        return torch.sub(points.unsqueeze(1), centres.unsqueeze(0)).square_().sum(dim=2)
     rows = max(1, elements // max(1, centres.numel()))
     squared = points.new_empty(len(points), len(centres))
     buffer = points.new_empty(min(rows, len(points)), len(centres), points.shape[1])

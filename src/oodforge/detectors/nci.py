@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
-from oodforge.detectors.chunks import column_mean
+from oodforge.detectors.chunks import column_mean, row_slices
 from oodforge.detectors.head import linear_head
 from oodforge.util.errors import ConfigError
 
@@ -60,8 +60,8 @@ class NCI(Detector):
         device = features.device
         weight, bias, mean = self.weight_.to(device), self.bias_.to(device), self.train_mean_.to(device)
         parts = []
-        for start in range(0, len(features), self.chunk_rows):
-            chunk = features[start:start + self.chunk_rows].to(torch.float64)
+        for rows in row_slices(features.shape[0], dim, self.chunk_rows):
+            chunk = features[rows].to(torch.float64)
             predicted = (chunk @ weight.T + bias).argmax(dim=1)
             centred = chunk - mean
             proximity = (weight[predicted] * centred).sum(dim=1) / centred.norm(dim=1)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs, size_within
+from oodforge.detectors.chunks import row_slices
 from oodforge.util.errors import ConfigError
 
 SIMILARITY_ELEMENTS = 1 << 24  # at most this many query-bank similarities per block (128 MiB of float64)
@@ -73,10 +74,10 @@ class NNGuide(Detector):
         bank = self.bank_.to(features.device)
         block = max(1, min(self.chunk_rows, SIMILARITY_ELEMENTS // len(bank)))
         parts = []
-        for start in range(0, len(features), block):
-            queries = F.normalize(features[start:start + block].to(torch.float64), dim=1)
+        for rows in row_slices(features.shape[0], dim, block):
+            queries = F.normalize(features[rows].to(torch.float64), dim=1)
             guidance = (queries @ bank.T).topk(self.k_, dim=1).values.mean(dim=1)
-            energy = torch.logsumexp(logits[start:start + block].to(features.device, torch.float64), dim=1)
+            energy = torch.logsumexp(logits[rows].to(features.device, torch.float64), dim=1)
             parts.append(energy * guidance)
         scores = torch.cat(parts) if parts else features.new_zeros(0, dtype=torch.float64)
         return scores.float()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
+from oodforge.detectors.chunks import exporting, row_slices
 from oodforge.detectors.nnguide import sample_rows
 from oodforge.util.errors import ConfigError
 
@@ -79,25 +80,29 @@ class Relation(Detector):
     def _score(self, outputs: ModelOutputs) -> Tensor:
         features, logits = outputs.features.detach(), outputs.logits.detach()
         dim, classes = self.bank_features_.shape[1], self.bank_probabilities_.shape[1]
-        if features.ndim != 2 or features.shape[1] != dim or logits.shape != (len(features), classes):
+        if features.ndim != 2 or features.shape[1] != dim or logits.shape != (features.shape[0], classes):
             raise ConfigError(f"relation: features must be (N, {dim}) and logits (N, {classes}), got "
                              f"{tuple(features.shape)} and {tuple(logits.shape)}")
         device = features.device
         bank_features, bank_probabilities = self.bank_features_.to(device), self.bank_probabilities_.to(device)
         bank_tiles = [slice(start, min(start + BANK_TILE, len(bank_features)))
                       for start in range(0, len(bank_features), BANK_TILE)]
-        width = min(BANK_TILE, len(bank_features))
-        cosines, products = (torch.empty(min(QUERY_TILE, len(features)) * width, device=device) for _ in range(2))
+        if not exporting():  # reused buffers (a traced graph allocates per tile, for any batch size)
+            width = min(BANK_TILE, len(bank_features))
+            cosines, products = (torch.empty(min(QUERY_TILE, len(features)) * width, device=device) for _ in range(2))
         parts = []
-        for start in range(0, len(features), QUERY_TILE):
-            queries = F.normalize(features[start:start + QUERY_TILE].to(torch.float64), dim=1).float()
-            probabilities = torch.softmax(logits[start:start + QUERY_TILE].to(device, torch.float64), dim=1).float()
-            total = torch.zeros(len(queries), dtype=torch.float64, device=device)
+        for rows in row_slices(features.shape[0], dim, QUERY_TILE):
+            queries = F.normalize(features[rows].to(torch.float64), dim=1).float()
+            probabilities = torch.softmax(logits[rows].to(device, torch.float64), dim=1).float()
+            total = torch.zeros(queries.shape[0], dtype=torch.float64, device=device)
             for tile in bank_tiles:
-                size = len(queries) * (tile.stop - tile.start)  # contiguous views of the reused buffers
-                kernel, product = (b[:size].view(len(queries), -1) for b in (cosines, products))
-                torch.mm(queries, bank_features[tile].T, out=kernel)
-                torch.mm(probabilities, bank_probabilities[tile].T, out=product)
+                if exporting():
+                    kernel, product = queries @ bank_features[tile].T, probabilities @ bank_probabilities[tile].T
+                else:
+                    size = len(queries) * (tile.stop - tile.start)  # contiguous views of the reused buffers
+                    kernel, product = (b[:size].view(len(queries), -1) for b in (cosines, products))
+                    torch.mm(queries, bank_features[tile].T, out=kernel)
+                    torch.mm(probabilities, bank_probabilities[tile].T, out=product)
                 kernel.mul_(product)  # cos * (p . p_j)
                 F.threshold_(kernel, self.threshold, 0.0)  # in place; threshold >= 0 also drops negative cosines
                 if self.power != 1.0:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
+from oodforge.detectors.chunks import row_slices
 from oodforge.detectors.head import linear_head
 from oodforge.util.errors import ConfigError
 
@@ -68,8 +69,8 @@ class Residual(Detector):
             raise ConfigError(f"residual: features must have shape (N, {width}), got {tuple(features.shape)}")
         origin, basis = self.origin_.to(features.device), self.residual_basis_.to(features.device)
         parts = [
-            -((features[start:start + self.chunk_rows].to(torch.float64) - origin) @ basis).norm(dim=1)
-            for start in range(0, len(features), self.chunk_rows)
+            -((features[rows].to(torch.float64) - origin) @ basis).norm(dim=1)
+            for rows in row_slices(features.shape[0], width, self.chunk_rows)
         ]
         scores = torch.cat(parts) if parts else features.new_zeros(0, dtype=torch.float64)
         return scores.float()

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
+from oodforge.detectors.chunks import row_slices
+from oodforge.detectors.mahalanobis import squared_distances
 from oodforge.util.errors import ConfigError
 
 
@@ -87,11 +89,11 @@ class RMDS(Detector):
         whitening, means = self.whitening_.to(device), self.whitened_means_.to(device)
         background_whitening, background_mean = self.background_whitening_.to(device), self.background_mean_.to(device)
         parts = []
-        for start in range(0, len(features), self.chunk_rows):
-            chunk = features[start:start + self.chunk_rows].to(torch.float64)
-            class_distances = torch.cdist(chunk @ whitening, means, compute_mode="donot_use_mm_for_euclid_dist")
+        for rows in row_slices(features.shape[0], dim, self.chunk_rows):
+            chunk = features[rows].to(torch.float64)
+            class_distances = squared_distances(chunk @ whitening, means)  # exact; converts to ONNX, unlike cdist
             background = ((chunk - background_mean) @ background_whitening).square().sum(dim=1)
-            parts.append(background - class_distances.square().min(dim=1).values)
+            parts.append(background - class_distances.min(dim=1).values)
         scores = torch.cat(parts) if parts else features.new_zeros(0, dtype=torch.float64)
         return scores.float()
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
+from oodforge.detectors.chunks import row_slices
 from oodforge.util.errors import ConfigError
 
 METRICS = ("inner_product", "euclidean", "cosine")
@@ -85,14 +86,14 @@ class SHE(Detector):
     def _score(self, outputs: ModelOutputs) -> Tensor:
         features, logits = outputs.features.detach(), outputs.logits.detach()
         classes, dim = self.patterns_.shape
-        if features.ndim != 2 or features.shape[1] != dim or logits.shape != (len(features), classes):
+        if features.ndim != 2 or features.shape[1] != dim or logits.shape != (features.shape[0], classes):
             raise ConfigError(f"she: features must be (N, {dim}) and logits (N, {classes}), got "
                              f"{tuple(features.shape)} and {tuple(logits.shape)}")
         patterns = self.patterns_.to(features.device)
         parts = []
-        for start in range(0, len(features), self.chunk_rows):
-            chunk = features[start:start + self.chunk_rows].to(torch.float64)
-            pattern = patterns[logits[start:start + self.chunk_rows].argmax(dim=1).to(features.device)]
+        for rows in row_slices(features.shape[0], dim, self.chunk_rows):
+            chunk = features[rows].to(torch.float64)
+            pattern = patterns[logits[rows].argmax(dim=1).to(features.device)]
             if self.metric == "inner_product":
                 parts.append((chunk * pattern).sum(dim=1))
             elif self.metric == "euclidean":

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs
-from oodforge.detectors.chunks import CHUNK_ROWS
+from oodforge.detectors.chunks import CHUNK_ROWS, row_slices
 from oodforge.util.errors import ConfigError
 
 T_MIN, T_MAX = 1e-2, 1e2  # the fitted temperature is searched in [T_MIN, T_MAX]
@@ -56,8 +56,8 @@ class TemperatureScaling(Detector):
 
     def _score(self, outputs: ModelOutputs) -> Tensor:
         logits = outputs.logits.detach()
-        parts = [torch.softmax(logits[start:start + CHUNK_ROWS].double() / self.temperature_, dim=1).max(dim=1).values
-                 for start in range(0, len(logits), CHUNK_ROWS)]
+        parts = [torch.softmax(logits[rows].double() / self.temperature_, dim=1).max(dim=1).values
+                 for rows in row_slices(logits.shape[0], logits.shape[1], CHUNK_ROWS)]
         return torch.cat(parts).float() if parts else logits.new_zeros(0, dtype=torch.float32)
 
 

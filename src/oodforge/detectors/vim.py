@@ -74,7 +74,7 @@ class ViM(Detector):
     def _residual_norm(self, features: Tensor) -> Tensor:
         """Norm of (h - u) outside the principal subspace, float64, shape (N,), chunk by chunk."""
         parts = []
-        for rows in row_slices(len(features), features.shape[1], self.chunk_rows):
+        for rows in row_slices(features.shape[0], features.shape[1], self.chunk_rows):
             centred = features[rows].to(self.origin_.device, torch.float64, copy=True).sub_(self.origin_)
             parts.append((centred @ self.residual_basis_).norm(dim=1))
         return torch.cat(parts) if parts else self.origin_.new_zeros(0)
@@ -87,7 +87,7 @@ class ViM(Detector):
         logits = outputs.logits.detach()
         parts = [
             energy_score(logits[rows].to(virtual_logit.device, torch.float64))
-            for rows in row_slices(len(logits), logits.shape[1], self.chunk_rows)
+            for rows in row_slices(logits.shape[0], logits.shape[1], self.chunk_rows)
         ]
         energy = torch.cat(parts) if parts else virtual_logit.new_zeros(0)
         return (energy - virtual_logit).float().to(outputs.features.device)
