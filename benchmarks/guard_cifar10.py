@@ -78,6 +78,12 @@ class Bare(torch.nn.Module):
         return self.model.logits(x)
 
 
+def timing_row(b1: float, g1: float, b256: float, g256: float) -> dict:
+    """Milliseconds at batch 1, images per second at batch 256, and guard/bare ratios of time."""
+    return {"bare_batch1_ms": 1e3 * b1, "guard_batch1_ms": 1e3 * g1, "ratio_batch1": g1 / b1,
+            "bare_batch256_img_s": 256 / b256, "guard_batch256_img_s": 256 / g256, "ratio_batch256": g256 / b256}
+
+
 def overhead(guard: Guard, folder: Path) -> dict:
     """Bare network vs guard, eager and ONNX Runtime, batch 1 latency and batch 256 throughput."""
     import onnxruntime
@@ -88,8 +94,7 @@ def overhead(guard: Guard, folder: Path) -> dict:
     with torch.inference_mode():
         b1, g1 = paired_median(bare, graph, x1, 200)
         b256, g256 = paired_median(bare, graph, x256, 15)
-    out["eager"] = {"bare_batch1_ms": 1e3 * b1, "guard_batch1_ms": 1e3 * g1, "ratio_batch1": g1 / b1,
-                    "bare_batch256_img_s": 256 / b256, "guard_batch256_img_s": 256 / g256, "ratio_batch256": g256 / b256}
+    out["eager"] = timing_row(b1, g1, b256, g256)
     export_guard(guard, folder, "onnx")
     torch.onnx.export(bare, (x1,), dynamo=True, input_names=["input"],
                       dynamic_shapes=({0: torch.export.Dim("batch")},)).save(str(folder / "bare.onnx"))
@@ -100,9 +105,7 @@ def overhead(guard: Guard, folder: Path) -> dict:
     runs = [lambda x, s=s: s.run(None, {"input": x}) for s in sessions]
     b1, g1 = paired_median(runs[0], runs[1], x1.numpy(), 200)
     b256, g256 = paired_median(runs[0], runs[1], x256.numpy(), 15)
-    out["onnxruntime"] = {"bare_batch1_ms": 1e3 * b1, "guard_batch1_ms": 1e3 * g1, "ratio_batch1": g1 / b1,
-                          "bare_batch256_img_s": 256 / b256, "guard_batch256_img_s": 256 / g256,
-                          "ratio_batch256": g256 / b256}
+    out["onnxruntime"] = timing_row(b1, g1, b256, g256)
     return out
 
 

@@ -15,9 +15,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from oodforge.cli import app
-from oodforge.deploy.artifact import ArtifactError, load_guard
+from oodforge.deploy.artifact import ArtifactError
 from oodforge.deploy.conformal import benjamini_hochberg, check_alpha, clopper_pearson, p_values, threshold
-from oodforge.deploy.guard import Guard
+from oodforge.deploy.guard import Guard, load_guard
 from oodforge.deploy.inputs import Preprocessing
 from oodforge.detectors import create_detector
 from oodforge.detectors.base import outputs_of
@@ -147,7 +147,7 @@ def test_save_load_in_a_fresh_process_gives_the_same_scores(small_guard, tmp_pat
     small_guard.save(tmp_path / "g")
     x = torch.rand(20, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     torch.save(x, tmp_path / "x.pt")
-    code = ("import json, sys, torch; from oodforge.deploy.artifact import load_guard; "
+    code = ("import json, sys, torch; from oodforge.deploy.guard import load_guard; "
             f"g = load_guard({str(tmp_path / 'g')!r}); p = g.predict(torch.load({str(tmp_path / 'x.pt')!r})); "
             "print(json.dumps([[r.score, r.p_value, r.decision, r.label] for r in p]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -141,6 +141,15 @@ RULES = [
     ("oodforge.runs", "oodforge.bench", "runs/ never imports bench/"),
     ("oodforge.runs", "oodforge.training", "runs/ never imports training/"),
     ("oodforge.generate", "oodforge.evaluation", "generate/ never imports evaluation/"),
+    ("oodforge.deploy", "oodforge.runs", "deploy/ never imports runs/"),
+    ("oodforge.deploy", "oodforge.bench", "deploy/ never imports bench/"),
+    ("oodforge.deploy", "oodforge.training", "deploy/ never imports training/"),
+    ("oodforge.deploy", "oodforge.cli", "deploy/ never imports the CLI"),
+    ("oodforge.evaluation", "oodforge.deploy", "evaluation/ knows nothing of deployment"),
+    ("oodforge.detectors", "oodforge.deploy", "detectors/ know nothing of deployment"),
+    ("oodforge.models", "oodforge.deploy", "models/ know nothing of deployment"),
+    ("oodforge.data", "oodforge.deploy", "data/ knows nothing of deployment"),
+    ("oodforge.runs", "oodforge.deploy", "runs/ knows nothing of deployment"),
 ]
 LIBRARY = [m for m in MODULES if not _in(m, "oodforge.cli") and m != "oodforge.__main__"]
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from oodforge.data.benchmarks import get_benchmark
 from oodforge.data.datasets import load_dataset
+from oodforge.deploy.build import build_guard
+from oodforge.deploy.export import export_guard
+from oodforge.deploy.guard import Guard, Prediction, load_guard
 from oodforge.detectors import DETECTORS, Detector, create_detector
 from oodforge.evaluation.cache import OutputCache
 from oodforge.evaluation.extraction import extract_outputs
@@ -22,17 +25,22 @@ __all__ = [
     "DETECTORS",
     "Detector",
     "Evaluation",
+    "Guard",
     "ModelOutputs",
     "OODResults",
     "OutputCache",
+    "Prediction",
     "TrainConfig",
+    "build_guard",
     "build_model",
     "create_detector",
     "evaluate",
     "evaluate_ood",
+    "export_guard",
     "extract_outputs",
     "get_benchmark",
     "load_dataset",
+    "load_guard",
     "load_model",
     "parse_detector_spec",
     "train",

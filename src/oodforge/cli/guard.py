@@ -80,8 +80,8 @@ def export(guard_dir: Path = typer.Argument(..., help="A guard folder (from oodf
            format: str = typer.Option("onnx", "--format", help="onnx or torchscript."),
            check: bool = typer.Option(True, help="Check the exported file against the guard on a batch.")) -> None:
     """Export the guard as one model file: a preprocessed batch in, logits, score, p-value and decision out."""
-    from oodforge.deploy.artifact import load_guard
     from oodforge.deploy.export import FORMATS, export_guard
+    from oodforge.deploy.guard import load_guard
     from oodforge.util.errors import ConfigError
 
     if format not in FORMATS:
@@ -95,7 +95,7 @@ def info(guard_dir: Path = typer.Argument(..., help="A guard folder.")) -> None:
     """Print what a guard is: model, detector, alpha, threshold, calibration, classes, versions."""
     import json
 
-    from oodforge.deploy.artifact import load_guard
+    from oodforge.deploy.guard import load_guard
 
     guard = load_guard(guard_dir)
     print(json.dumps({**guard.describe(), "versions": getattr(guard, "versions", {})}, indent=2, default=str))
@@ -110,7 +110,7 @@ def predict(guard_dir: Path = typer.Argument(..., help="A guard folder (from ood
                                                           "discovery rate alpha) instead of per input."),
             quiet: bool = typer.Option(False, "--quiet")) -> None:
     """Predict class and OOD decision for every image. Exit code 0: all read; 1: some unreadable (rows with error)."""
-    from oodforge.deploy.artifact import load_guard
+    from oodforge.deploy.guard import load_guard
     from oodforge.deploy.inputs import check_paths
     from oodforge.deploy.records import Tally, check_format
     from oodforge.util.validation import check_output_file

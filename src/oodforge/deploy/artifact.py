@@ -15,13 +15,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from oodforge.deploy.guard import Calibration, Guard
-from oodforge.deploy.inputs import Preprocessing
-from oodforge.detectors.base import create_detector
 from oodforge.models.adapters import WrappedClassifier, build_model, wrap_model
 from oodforge.models.classifier import Classifier, ModelConfig, build_classifier
 from oodforge.util.atomic import atomic_write
-from oodforge.util.errors import ConfigError, DataError, MissingPathError, OodforgeError
+from oodforge.util.errors import ConfigError, DataError, MissingPathError
 
 ARTIFACT = "guard.safetensors"
 FORMAT = "oodforge-guard"
@@ -82,7 +79,7 @@ def versions(spec: dict | None = None) -> dict:
     return found
 
 
-def save_guard(guard: Guard, folder: str | Path) -> Path:
+def save_guard(guard, folder: str | Path) -> Path:
     """Write ``guard`` to ``folder/guard.safetensors`` atomically; returns the file."""
     calibration = guard._require_calibration()
     spec = model_spec_of(guard.model, guard.model_spec)
@@ -110,14 +107,14 @@ def save_guard(guard: Guard, folder: str | Path) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
-def load_guard(path: str | Path, device: str | torch.device = "cpu") -> Guard:
-    """The guard saved in folder ``path`` (or the artifact file itself), checked against its content hash."""
+def read_guard_file(path: str | Path) -> tuple[dict, dict[str, Tensor], Path]:
+    """(header, tensors, file) of the guard saved in folder ``path`` (or the artifact file itself), checked against
+    its format, format version and content hash."""
     file = artifact_path(path)
     if not file.is_file():
         raise MissingPathError(f"{path} is not a guard folder: it has no {ARTIFACT}" if Path(path).is_dir()
                                else f"guard not found: {path}")
-    data = file.read_bytes()
-    header, tensors = _read(data, file)
+    header, tensors = _read(file.read_bytes(), file)
     if header.get("format") != FORMAT:
         raise ArtifactError(f"{file} is not an oodforge guard (format {header.get('format')!r})")
     if header.get("format_version") != FORMAT_VERSION:
@@ -126,35 +123,12 @@ def load_guard(path: str | Path, device: str | torch.device = "cpu") -> Guard:
     stored = header.pop("sha256", None)
     if stored != content_hash(header, tensors):
         raise ArtifactError(f"{file} fails its content hash: the file was changed after it was written")
-    try:
-        return _assemble(header, tensors, device)
-    except OodforgeError:
-        raise
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise ArtifactError(f"{file}: cannot rebuild the guard: {type(exc).__name__}: {str(exc).splitlines()[0]}"
-                            ) from exc
+    return header, tensors, file
 
 
-def _assemble(header: dict, tensors: dict[str, Tensor], device: str | torch.device) -> Guard:
-    model = rebuild_model(header["model"])
-    weights = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-    model.load_state_dict(weights, strict=True)
-    if "model_extra/class_centres" in tensors:
-        model.class_centres = tensors["model_extra/class_centres"]
-    model = model.to(device).eval()
-    spec = header["detector"]
-    detector = create_detector(spec["name"], **spec["params"])
-    detector.set_state(_decode(spec["state"], tensors))
-    detector.model_ = model
-    detector.fitted_ = True
-    guard = Guard(model, detector, classes=header["classes"], alpha=header["alpha"],
-                  preprocessing=Preprocessing.from_dict(header["preprocessing"]),
-                  class_conditional=header["class_conditional"], precision=header["precision"], device=device,
-                  model_spec=header["model"], info=header.get("info", {}))
-    by_class = {int(k.rsplit("/", 1)[1]): v for k, v in tensors.items() if k.startswith("calibration/class/")}
-    guard.calibration = Calibration(tensors["calibration/scores"], by_class, header["calibration"]["source"])
-    guard.versions = header.get("versions", {})
-    return guard
+def detector_state(header: dict, tensors: dict[str, Tensor]) -> dict:
+    """The detector's learned state stored in an artifact."""
+    return _decode(header["detector"]["state"], tensors)
 
 
 def content_hash(header: dict, tensors: dict[str, Tensor]) -> str:

@@ -13,12 +13,19 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from oodforge.deploy.artifact import ArtifactError, detector_state, read_guard_file, rebuild_model, save_guard
 from oodforge.deploy.conformal import benjamini_hochberg, check_alpha, minimum_calibration, p_values, sorted_scores
 from oodforge.deploy.conformal import threshold as conformal_threshold
 from oodforge.deploy.inputs import Item, Preprocessing, items_of, stream_items
-from oodforge.detectors.base import Detector, features_and_logits, registered_name, require_interface
+from oodforge.detectors.base import (
+    Detector,
+    create_detector,
+    features_and_logits,
+    registered_name,
+    require_interface,
+)
 from oodforge.outputs import ModelOutputs
-from oodforge.util.errors import ConfigError
+from oodforge.util.errors import ConfigError, OodforgeError
 from oodforge.util.precision import autocast, check_precision
 
 DECISIONS = ("in", "out")
@@ -266,14 +273,47 @@ class Guard:
 
     def save(self, path: str | Path) -> Path:
         """Write the guard as one artifact (``guard.safetensors`` in folder ``path``); see ``load_guard``."""
-        from oodforge.deploy.artifact import save_guard
-
         return save_guard(self, path)
 
     def __repr__(self) -> str:
         size = len(self.calibration.scores) if self.calibration is not None else 0
         return (f"Guard(detector={self.detector!r}, alpha={self.alpha}, calibration={size} images, "
                 f"classes={len(self.classes)})")
+
+
+def load_guard(path: str | Path, device: str | torch.device = "cpu") -> Guard:
+    """The guard saved in folder ``path`` (or the artifact file itself), checked against its content hash; a
+    damaged, tampered or unknown artifact is one ``ArtifactError``."""
+    header, tensors, file = read_guard_file(path)
+    try:
+        return _assemble(header, tensors, device)
+    except OodforgeError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ArtifactError(f"{file}: cannot rebuild the guard: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+                            ) from exc
+
+
+def _assemble(header: dict, tensors: dict[str, Tensor], device: str | torch.device) -> Guard:
+    """A guard from an artifact's header and tensors."""
+    model = rebuild_model(header["model"])
+    model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
+    if "model_extra/class_centres" in tensors:
+        model.class_centres = tensors["model_extra/class_centres"]
+    model = model.to(device).eval()
+    spec = header["detector"]
+    detector = create_detector(spec["name"], **spec["params"])
+    detector.set_state(detector_state(header, tensors))
+    detector.model_ = model
+    detector.fitted_ = True
+    guard = Guard(model, detector, classes=header["classes"], alpha=header["alpha"],
+                  preprocessing=Preprocessing.from_dict(header["preprocessing"]),
+                  class_conditional=header["class_conditional"], precision=header["precision"], device=device,
+                  model_spec=header["model"], info=header.get("info", {}))
+    by_class = {int(k.rsplit("/", 1)[1]): v for k, v in tensors.items() if k.startswith("calibration/class/")}
+    guard.calibration = Calibration(tensors["calibration/scores"], by_class, header["calibration"]["source"])
+    guard.versions = header.get("versions", {})
+    return guard
 
 
 def calibration_of(scores: Tensor, predicted: Tensor | None = None, source: str = "") -> Calibration:
