@@ -60,6 +60,7 @@ API_GROUPS = {
     "Detectors": ["create_detector", "Detector", "DETECTORS"],
     "Data": ["get_benchmark", "load_dataset"],
     "Training": ["TrainConfig"],
+    "Deployment": ["Guard", "Prediction", "Preprocessing", "build_guard", "load_guard", "export_guard"],
 }
 
 

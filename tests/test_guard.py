@@ -269,3 +269,51 @@ def test_predict_streams_rows_counts_unreadable_images_and_sets_the_exit_code(tr
     (tmp_path / "in" / "broken.png").unlink()
     result = runner.invoke(app, ["predict", str(tmp_path / "g"), str(tmp_path / "in"), "--quiet"])
     assert result.exit_code == 0 and "0 unreadable" in result.output
+
+
+def test_yaml_calibration_key_and_auto_detector(trained, tmp_path):
+    """A benchmark's calibration: key names the calibration images; --detector auto picks on validation data only."""
+    import yaml
+
+    from oodforge.data.benchmarks import get_benchmark
+    from oodforge.deploy.build import AUTO_CANDIDATES, build_guard
+    from test_bring_your_own import make_folder
+
+    bench, checkpoint = trained
+    root = bench.parent
+    make_folder(root / "cal", {"ash": 4, "elm": 4, "oak": 4}, seed=7)
+    make_folder(root / "val_ood", {"x": 8}, seed=9)
+    config = yaml.safe_load(bench.read_text())
+    config |= {"calibration": "folder:cal", "val": {"ood": {"v": "folder:val_ood"}}}
+    path = root / "with_calibration.yaml"
+    path.write_text(yaml.safe_dump(config))
+    benchmark = get_benchmark(str(path))
+    built = build_guard(benchmark, str(checkpoint), detector="auto", alpha=0.2)
+    report = built.report
+    assert report["calibration"] == {"images": 12, "source": f"folder:{root / 'cal'}", "kind": "given",
+                                     "spec": f"folder:{root / 'cal'}"}
+    chosen = report["auto"]["chosen"]
+    assert chosen.replace("[tuned]", "") in AUTO_CANDIDATES and report["detector"] == chosen.replace("[tuned]", "")
+    best = max(report["auto"]["ranking"].values())
+    assert report["auto"]["val_auroc"] == best
+    assert set(report["val_ood"]) == {"v"}
+
+
+def test_a_wrapped_torchvision_network_round_trips(tmp_path):
+    import torchvision
+
+    import oodforge
+
+    torch.manual_seed(0)
+    net = oodforge.wrap_model(torchvision.models.resnet18(num_classes=3), mean=[0.5] * 3, std=[0.25] * 3).eval()
+    guard = Guard(net, create_detector("energy"), classes=["a", "b", "c"], preprocessing=Preprocessing((32, 32, 3)),
+                  model_spec=None)
+    guard.calibrate(torch.rand(40, 3, 32, 32))
+    with pytest.raises(ConfigError, match="needs model_spec"):
+        guard.save(tmp_path / "g")
+    guard.model_spec = "torchvision:resnet18"
+    guard.save(tmp_path / "g")
+    loaded = oodforge.load_guard(tmp_path / "g")
+    x = torch.rand(5, 3, 32, 32)
+    assert torch.allclose(loaded.outputs(x)[1], guard.outputs(x)[1], atol=1e-6, rtol=0)
+    assert loaded.describe()["model"]["spec"] == "torchvision:resnet18"

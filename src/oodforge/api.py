@@ -7,6 +7,7 @@ from oodforge.data.datasets import load_dataset
 from oodforge.deploy.build import build_guard
 from oodforge.deploy.export import export_guard
 from oodforge.deploy.guard import Guard, Prediction, load_guard
+from oodforge.deploy.inputs import Preprocessing
 from oodforge.detectors import DETECTORS, Detector, create_detector
 from oodforge.evaluation.cache import OutputCache
 from oodforge.evaluation.extraction import extract_outputs
@@ -30,6 +31,7 @@ __all__ = [
     "OODResults",
     "OutputCache",
     "Prediction",
+    "Preprocessing",
     "TrainConfig",
     "build_guard",
     "build_model",

@@ -7,6 +7,7 @@ Detectors whose score is tensor algebra on the logits and features export; those
 
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 from contextlib import redirect_stdout
@@ -83,7 +84,7 @@ def export_guard(guard: Guard, folder: str | Path, format: str = "onnx", check: 
     if format not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     check_exportable(guard)
-    graph = GuardGraph(guard).cpu().eval()
+    graph = GuardGraph(copy.deepcopy(guard)).cpu().eval()  # a copy: the guard itself stays on its device
     height, width, channels = guard.preprocessing.image_shape
     example = torch.rand(4, channels, height, width, generator=torch.Generator().manual_seed(0))
     path = Path(folder) / FORMATS[format]
