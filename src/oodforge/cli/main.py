@@ -296,7 +296,14 @@ def _register_guard() -> None:
     app.command(name="predict")(_fail_cleanly(predict))
 
 
+def _register_serve() -> None:
+    from oodforge.cli.serve import serve
+
+    app.command(name="serve")(_fail_cleanly(serve))
+
+
 _register_guard()
+_register_serve()
 
 
 @app.command()

@@ -250,16 +250,29 @@ class Guard:
         good = [i for i, item in enumerate(items) if item.error is None]
         for start in range(0, len(good), batch_size):
             chunk = good[start:start + batch_size]
-            x = torch.stack([_as_tensor(items[i].pixels) for i in chunk])
-            logits, scores = self.outputs(x)
-            probabilities = torch.softmax(logits.double(), dim=1)
-            best, predicted = probabilities.max(1)
-            p = self.p_values(scores, predicted)
-            out = self.decide(p)
-            for j, i in enumerate(chunk):
-                rows[i].update(label=self.classes[int(predicted[j])], probability=float(best[j]),
-                               score=float(scores[j]), p_value=float(p[j]), decision=DECISIONS[int(out[j])])
+            answers = self.answer(torch.stack([_as_tensor(items[i].pixels) for i in chunk]))
+            for i, answer in zip(chunk, answers, strict=True):
+                rows[i].update(answer)
         return rows
+
+    def answer(self, x: Tensor) -> list[dict]:
+        """label, probability, score, p_value and decision of each image of a preprocessed batch."""
+        logits, scores = self.outputs(x)
+        probabilities = torch.softmax(logits.double(), dim=1)
+        best, predicted = probabilities.max(1)
+        p = self.p_values(scores, predicted)
+        out = self.decide(p)
+        return [{"label": self.classes[c], "probability": b, "score": s, "p_value": q, "decision": DECISIONS[o]}
+                for c, b, s, q, o in zip(predicted.tolist(), best.tolist(), scores.tolist(), p.tolist(),
+                                         out.int().tolist(), strict=True)]
+
+    def classify(self, x: Tensor) -> list[dict]:
+        """The network alone, without the detector: label and probability of each image of a preprocessed batch."""
+        with torch.inference_mode(), autocast(self.precision, self.device):
+            logits = features_and_logits(self.model, x.to(self.device))[1]
+        best, predicted = torch.softmax(logits.double().cpu(), dim=1).max(1)
+        return [{"label": self.classes[c], "probability": b} for c, b in zip(predicted.tolist(), best.tolist(),
+                                                                              strict=True)]
 
     # ------------------------------------------------------------------ description and files
     def describe(self) -> dict:
