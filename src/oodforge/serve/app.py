@@ -88,14 +88,14 @@ class GuardService:
 
 async def _multipart(body: bytes, content_type: str) -> list[tuple[str, bytes]]:
     """(filename, bytes) of every ``file`` field of a multipart body."""
-    from starlette.datastructures import UploadFile
+    from starlette.datastructures import Headers, UploadFile
     from starlette.formparsers import MultiPartException, MultiPartParser
 
     async def stream():
         yield body
 
     try:
-        form = await MultiPartParser({"content-type": content_type}, stream(), max_files=100_000,
+        form = await MultiPartParser(Headers({"content-type": content_type}), stream(), max_files=100_000,
                                      max_fields=100_000).parse()
     except (MultiPartException, ValueError) as exc:
         raise RequestError(400, f"malformed multipart body: {exc}") from None
