@@ -18,7 +18,7 @@ from oodforge.serve.batching import Batcher
 from oodforge.serve.config import ServeConfig
 from oodforge.serve.metrics import ServeMetrics
 from oodforge.serve.monitor import DriftMonitor
-from oodforge.serve.requests import RequestError, decode, images_from_json
+from oodforge.serve.payloads import RequestError, decode, images_from_json
 
 LOG = logging.getLogger("oodforge.serve")
 OPEN_PATHS = ("/health",)
