@@ -1,0 +1,1 @@
+"""Serving guards over HTTP and watching their inputs for drift."""
