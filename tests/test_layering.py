@@ -150,7 +150,16 @@ RULES = [
     ("oodforge.models", "oodforge.deploy", "models/ know nothing of deployment"),
     ("oodforge.data", "oodforge.deploy", "data/ knows nothing of deployment"),
     ("oodforge.runs", "oodforge.deploy", "runs/ knows nothing of deployment"),
-]
+    ("oodforge.serve", "oodforge.runs", "serve/ never imports runs/"),
+    ("oodforge.serve", "oodforge.bench", "serve/ never imports bench/"),
+    ("oodforge.serve", "oodforge.training", "serve/ never imports training/"),
+    ("oodforge.serve", "oodforge.generate", "serve/ never imports generate/"),
+    ("oodforge.serve", "oodforge.losses", "serve/ never imports losses/"),
+    ("oodforge.serve", "oodforge.cli", "serve/ never imports the CLI"),
+] + [(part, "oodforge.serve", f"{part.rpartition('.')[2]}/ knows nothing of serving")
+     for part in ("oodforge.util", "oodforge.data", "oodforge.models", "oodforge.detectors", "oodforge.losses",
+                  "oodforge.evaluation", "oodforge.training", "oodforge.generate", "oodforge.runs", "oodforge.bench",
+                  "oodforge.deploy")]
 LIBRARY = [m for m in MODULES if not _in(m, "oodforge.cli") and m != "oodforge.__main__"]
 
 

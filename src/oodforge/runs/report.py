@@ -8,8 +8,6 @@ and ``scores.npz`` (design.md section 2); higher score = more in-distribution, I
 from __future__ import annotations
 
 import base64
-import html
-import io
 import json
 import math
 import zipfile
@@ -20,7 +18,6 @@ from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import auc, roc_curve
 
@@ -28,6 +25,7 @@ from oodforge.evaluation.result import percent
 from oodforge.runs.folder import finish_pending, scores_digest
 from oodforge.util.atomic import atomic_write
 from oodforge.util.errors import ConfigError, MissingPathError
+from oodforge.util.pages import density_stairs, esc, figure_grid, html_page, png_uri
 
 __all__ = ["load_run", "report_html", "write_report"]
 
@@ -35,7 +33,6 @@ GROUPS = ("near", "far")
 METRICS = (("auroc", "AUROC", "max"), ("aupr_in", "AUPR-In", "max"), ("aupr_out", "AUPR-Out", "max"),
            ("fpr95", "FPR95", "min"))
 ROW_FIELDS = ("method", "detector", "ood_dataset", "group") + tuple(key for key, _, _ in METRICS)
-DPI = 80
 MAX_BINS = 60
 MAX_HISTOGRAMS = 60
 LEGEND_INSIDE = 8
@@ -170,16 +167,6 @@ def _metric(value: Any) -> float:
 # ----------------------------------------------------------------------------------------- figures
 
 
-def _png_uri(fig: Figure, tight: bool = False) -> str:
-    """Render ``fig`` with the Agg canvas as a base64 data URI, then drop its artists."""
-    FigureCanvasAgg(fig)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight" if tight else None,
-                metadata={"Software": None})
-    fig.clear()
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def _detector_colors(detectors: Sequence[str]) -> dict[str, Any]:
     cmap = colormaps["tab10" if len(detectors) <= 10 else "tab20"]
     return {name: cmap(index % cmap.N) for index, name in enumerate(detectors)}
@@ -212,7 +199,7 @@ def _roc_figure(run: _Run, ood: str) -> tuple[str | None, bool, list[str]]:
     ax.title.set_fontsize(10)
     _place_legend(ax, curves, title="AUROC %")
     wide = curves > LEGEND_INSIDE
-    return _png_uri(fig, tight=wide), wide, missing
+    return png_uri(fig, tight=wide), wide, missing
 
 
 def _place_legend(ax: Any, entries: int, title: str | None = None) -> None:
@@ -236,25 +223,15 @@ def _histogram_figure(run: _Run, method: str, detector: str) -> str | None:
     fig = Figure(figsize=(4.4, 2.9))
     fig.subplots_adjust(left=0.13, right=0.97, bottom=0.16, top=0.9)
     ax = fig.add_subplot()
-    _density_stairs(ax, id_scores, bins, "0.3", f"ID: {run.id_dataset}", fill=True)
+    density_stairs(ax, id_scores, bins, "0.3", f"ID: {run.id_dataset}", fill=True)
     cmap = colormaps["tab10"]
     for index, (name, scores) in enumerate(oods):
-        _density_stairs(ax, scores, bins, cmap((index + 1) % cmap.N), f"{name} ({run.ood_sets[name]})")
+        density_stairs(ax, scores, bins, cmap((index + 1) % cmap.N), f"{name} ({run.ood_sets[name]})")
     ax.set(xlabel="score (higher = more ID)", ylabel="density", title=run.label(method, detector))
     ax.title.set_fontsize(10)
     ax.set_ylim(0, ax.get_ylim()[1] * 1.4)
     ax.legend(loc="upper left", fontsize=7, ncol=2 if len(oods) > 2 else 1, framealpha=0.85)
-    return _png_uri(fig)
-
-
-def _density_stairs(ax: Any, scores: np.ndarray, bins: np.ndarray, color: Any, label: str,
-                    fill: bool = False) -> None:
-    """Density histogram (normalised over all scores, so the tails cut off by the bins keep their weight)."""
-    counts, _ = np.histogram(scores[np.isfinite(scores)], bins=bins)
-    density = counts / (max(scores.size, 1) * np.diff(bins))
-    if fill:
-        ax.stairs(density, bins, fill=True, color=color, alpha=0.3)
-    ax.stairs(density, bins, color=color, linewidth=1.2, label=label)
+    return png_uri(fig)
 
 
 def _shared_bins(arrays: Iterable[np.ndarray]) -> np.ndarray:
@@ -284,10 +261,6 @@ def _extra_figures(run_dir: Path) -> tuple[list[tuple[str, str, str]], list[str]
 # -------------------------------------------------------------------------------------------- html
 
 
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
 def _best(values: Iterable[float], better: str) -> float:
     """Best value at shown precision (percent, 2 decimals); NaN when no value is finite."""
     shown = [round(100 * value, 2) for value in values if not math.isnan(value)]
@@ -312,7 +285,7 @@ def _header_cells(columns: Sequence[tuple[str, str, str]]) -> str:
         first = "desc" if kind == "max" else "asc"
         hint = {"max": " (higher is better)", "min": " (lower is better)"}.get(kind, "")
         cells.append(f'<th data-key="{key}" data-type="{"num" if numeric else "text"}" data-first="{first}"'
-                     f' title="Click to sort{hint}">{_esc(label)}</th>')
+                     f' title="Click to sort{hint}">{esc(label)}</th>')
     return "".join(cells)
 
 
@@ -324,12 +297,12 @@ def _results_table(run: _Run) -> str:
     body = []
     for row in run.rows:
         ood = row["ood_dataset"]
-        cells = [f'<td data-key="{key}">{_esc(row[field])}</td>' for key, field in
+        cells = [f'<td data-key="{key}">{esc(row[field])}</td>' for key, field in
                  (("method", "method"), ("detector", "detector"), ("ood", "ood_dataset"))]
         cells.append(f'<td data-key="group"><span class="tag {row["group"]}">{row["group"]}</span></td>')
         cells += [_num_cell(key, _metric(row[key]), best[ood, key]) for key, _, _ in METRICS]
-        body.append(f'<tr data-method="{_esc(row["method"])}" data-detector="{_esc(row["detector"])}" '
-                    f'data-ood="{_esc(ood)}">{"".join(cells)}</tr>')
+        body.append(f'<tr data-method="{esc(row["method"])}" data-detector="{esc(row["detector"])}" '
+                    f'data-ood="{esc(ood)}">{"".join(cells)}</tr>')
     return (f'<table class="sortable" id="results"><thead><tr>{_header_cells(columns)}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table>')
 
@@ -357,9 +330,9 @@ def _summary_table(run: _Run) -> str:
     columns = [("method", "Method", "text"), ("detector", "Detector", "text")] + keys
     body = []
     for method, detector, means in summary:
-        cells = f'<td data-key="method">{_esc(method)}</td><td data-key="detector">{_esc(detector)}</td>'
+        cells = f'<td data-key="method">{esc(method)}</td><td data-key="detector">{esc(detector)}</td>'
         cells += "".join(_num_cell(key, means[key], best[key]) for key, _, _ in keys)
-        body.append(f'<tr data-method="{_esc(method)}" data-detector="{_esc(detector)}">{cells}</tr>')
+        body.append(f'<tr data-method="{esc(method)}" data-detector="{esc(detector)}">{cells}</tr>')
     return (f'<table class="sortable" id="summary"><thead><tr>{_header_cells(columns)}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table>')
 
@@ -387,9 +360,9 @@ def _flatten(mapping: dict, prefix: str = "") -> list[tuple[str, Any]]:
 def _key_values(title: str, mapping: Any) -> str:
     if not isinstance(mapping, dict) or not mapping:
         return ""
-    chips = "".join(f'<span class="kv"><b>{_esc(key)}</b> {_esc(_compact(value))}</span>'
+    chips = "".join(f'<span class="kv"><b>{esc(key)}</b> {esc(_compact(value))}</span>'
                     for key, value in _flatten(mapping))
-    return f'<div class="kvs"><h3>{_esc(title)}</h3>{chips}</div>'
+    return f'<div class="kvs"><h3>{esc(title)}</h3>{chips}</div>'
 
 
 def _accuracy(value: Any) -> str:
@@ -402,13 +375,13 @@ def _methods_table(methods: Any) -> str:
         return ""
     fields = list(dict.fromkeys(k for info in methods.values() if isinstance(info, dict) for k in info))
     fields = ["id_accuracy"] + [field for field in fields if field != "id_accuracy"]
-    head = "".join(f"<th>{_esc('ID accuracy' if f == 'id_accuracy' else f)}</th>" for f in fields)
+    head = "".join(f"<th>{esc('ID accuracy' if f == 'id_accuracy' else f)}</th>" for f in fields)
     body = []
     for name, info in methods.items():
         info = info if isinstance(info, dict) else {}
         cells = [f'<td class="num" data-key="id_accuracy">{_accuracy(info.get("id_accuracy"))}</td>']
-        cells += [f"<td>{_esc(_compact(info[f])) if f in info else DASH}</td>" for f in fields[1:]]
-        body.append(f'<tr data-method="{_esc(name)}"><td>{_esc(name)}</td>{"".join(cells)}</tr>')
+        cells += [f"<td>{esc(_compact(info[f])) if f in info else DASH}</td>" for f in fields[1:]]
+        body.append(f'<tr data-method="{esc(name)}"><td>{esc(name)}</td>{"".join(cells)}</tr>')
     return (f'<table id="methods"><thead><tr><th>Method</th>{head}</tr></thead>'
             f'<tbody>{"".join(body)}</tbody></table>')
 
@@ -419,17 +392,10 @@ def _header(run: _Run, title: str) -> str:
              ("ID accuracy", _accuracy(info.get("id_accuracy"))),
              ("OOD sets", ", ".join(f"{name} ({group})" for name, group in run.ood_sets.items()) or DASH),
              ("Methods", ", ".join(run.methods) or DASH), ("Detectors", ", ".join(run.detectors) or DASH)]
-    facts_html = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in facts)
-    return (f"<header><h1>{_esc(title)}</h1><dl class=\"facts\">{facts_html}</dl>"
+    facts_html = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in facts)
+    return (f"<header><h1>{esc(title)}</h1><dl class=\"facts\">{facts_html}</dl>"
             f"{_methods_table(info.get('methods'))}{_key_values('Model', info.get('model'))}"
             f"{_key_values('Training', info.get('train'))}</header>")
-
-
-def _figure_grid(figures: Sequence[tuple[str, str, str]], css: str = "grid") -> str:
-    """``<figure>`` items from (caption, data URI, figure CSS class) in a grid container."""
-    items = "".join(f'<figure class="{fig_css}"><img src="{uri}" alt="{_esc(caption)}">'
-                    f"<figcaption>{_esc(caption)}</figcaption></figure>" for caption, uri, fig_css in figures)
-    return f'<div class="{css}">{items}</div>'
 
 
 def _figures_html(run: _Run, run_dir: Path) -> tuple[str, list[str]]:
@@ -451,32 +417,25 @@ def _figures_html(run: _Run, run_dir: Path) -> tuple[str, list[str]]:
     sections = [("roc", "ROC curves", ROC_HINT, rocs, "grid"),
                 ("histograms", "Score histograms", HIST_HINT, hists, "grid"),
                 ("figures", "Figures", "", extra, "wide")]
-    body = "".join(f'<section id="{sid}"><h2>{name}</h2><p class="hint">{_esc(hint)}</p>'
-                   f"{_figure_grid(figs, css)}</section>" for sid, name, hint, figs, css in sections if figs)
+    body = "".join(f'<section id="{sid}"><h2>{name}</h2><p class="hint">{esc(hint)}</p>'
+                   f"{figure_grid(figs, css)}</section>" for sid, name, hint, figs, css in sections if figs)
     return body, notes + extra_notes
-
-
-def _page(title: str, body: str) -> str:
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{_esc(title)}</title><style>{_CSS}</style></head>"
-            f"<body><main>{body}</main><script>{_JS}</script></body></html>\n")
 
 
 def _render(run: _Run, run_dir: Path, title: str) -> str:
     figures, notes = _figures_html(run, run_dir)
-    notes_html = "".join(f"<li>{_esc(note)}</li>" for note in notes)
+    notes_html = "".join(f"<li>{esc(note)}</li>" for note in notes)
     body = [_header(run, title),
             '<section id="results-section"><h2>Results</h2><p class="hint">All values in %. Click a column '
             "header to sort. Highlighted: best value per OOD set (max AUROC / AUPR, min FPR95). "
-            f"Score convention: higher = more in-distribution; ID ({_esc(run.id_dataset)}) is the positive "
+            f"Score convention: higher = more in-distribution; ID ({esc(run.id_dataset)}) is the positive "
             f"class.</p>{_results_table(run)}</section>",
             f'<section id="summary-section"><h2>Summary: mean over near / far OOD sets</h2>'
             f"{_summary_table(run)}</section>",
             figures,
             f'<section id="notes"><h2>Notes</h2><ul>{notes_html}</ul></section>' if notes else "",
             "<footer>Generated by oodforge.runs.report from results.json and scores.npz.</footer>"]
-    return _page(title, "".join(body))
+    return html_page(title, "".join(body))
 
 
 def write_report(run_dir: str | Path, title: str | None = None) -> Path:
@@ -493,90 +452,3 @@ def report_html(results: dict, scores: dict[str, np.ndarray], run_dir: str | Pat
     if title is None:
         title = f"oodforge report: {results.get('benchmark') or run.id_dataset}"
     return _render(run, Path(run_dir), title)
-
-
-_CSS = """
-:root { --fg: #1d2330; --muted: #5b6475; --line: #d9dde5; --head: #eef1f6; --best: #cdeccf;
-        --near: #fde7c8; --far: #d6e6fb; }
-* { box-sizing: border-box; }
-body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: var(--fg);
-       background: #fafbfc; }
-main { max-width: 1180px; margin: 0 auto; padding: 16px 24px 40px; }
-h1 { font-size: 22px; margin: 8px 0 12px; }
-h2 { font-size: 17px; margin: 28px 0 8px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
-h3 { font-size: 13px; margin: 0 8px 0 0; display: inline; color: var(--muted); }
-dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 2px 16px; margin: 0 0 12px; }
-dl.facts dt { color: var(--muted); } dl.facts dd { margin: 0; font-weight: 500; }
-.kvs { margin: 6px 0; } .kv { display: inline-block; margin: 2px 6px 2px 0; padding: 1px 7px;
-       border: 1px solid var(--line); border-radius: 10px; background: #fff; font-size: 12px; }
-.kv b { color: var(--muted); font-weight: 500; }
-table { border-collapse: collapse; background: #fff; margin: 6px 0 10px; font-size: 13px; }
-th, td { border: 1px solid var(--line); padding: 3px 9px; text-align: left; white-space: nowrap; }
-thead th { background: var(--head); position: sticky; top: 0; }
-table.sortable th { cursor: pointer; user-select: none; }
-table.sortable th:hover { background: #e1e6ef; }
-th[aria-sort="ascending"]::after { content: " \\25B2"; font-size: 10px; }
-th[aria-sort="descending"]::after { content: " \\25BC"; font-size: 10px; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-td.best { background: var(--best); font-weight: 700; }
-tbody tr:nth-child(even) td:not(.best) { background: #f6f7f9; }
-.tag { padding: 0 6px; border-radius: 8px; font-size: 12px; }
-.tag.near { background: var(--near); } .tag.far { background: var(--far); }
-.hint { color: var(--muted); font-size: 12.5px; margin: 4px 0; }
-.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(360px, 1fr)); gap: 12px; }
-.grid figure.span { grid-column: 1 / -1; }
-.wide { display: grid; gap: 12px; }
-figure { margin: 0; padding: 8px; background: #fff; border: 1px solid var(--line); border-radius: 6px; }
-figure img { display: block; max-width: 100%; height: auto; margin: 0 auto; }
-.wide figure img { min-width: min(256px, 100%); image-rendering: pixelated; }
-figcaption { font-size: 12px; color: var(--muted); text-align: center; margin-top: 4px; }
-#notes li { color: #8a5300; }
-footer { margin-top: 32px; color: var(--muted); font-size: 12px; }
-"""
-
-_JS = """
-(function () {
-  "use strict";
-  function cellValue(cell, numeric) {
-    var raw = cell.getAttribute("data-value");
-    if (!numeric) { return (raw !== null ? raw : cell.textContent).toLowerCase(); }
-    var value = parseFloat(raw);
-    return isNaN(value) ? null : value;
-  }
-  function sortTable(table, col, descending) {
-    var headers = table.tHead.rows[0].cells, body = table.tBodies[0];
-    var numeric = headers[col].getAttribute("data-type") === "num", sign = descending ? -1 : 1;
-    var rows = Array.prototype.slice.call(body.rows);
-    rows.sort(function (a, b) {
-      var x = cellValue(a.cells[col], numeric), y = cellValue(b.cells[col], numeric);
-      if (x === y) { return 0; }
-      if (x === null) { return 1; }
-      if (y === null) { return -1; }
-      return (x < y ? -1 : 1) * sign;
-    });
-    rows.forEach(function (row) { body.appendChild(row); });
-    Array.prototype.forEach.call(headers, function (th) { th.removeAttribute("aria-sort"); });
-    headers[col].setAttribute("aria-sort", descending ? "descending" : "ascending");
-  }
-  function nextDescending(th) {
-    var current = th.getAttribute("aria-sort");
-    if (current) { return current === "ascending"; }
-    return th.getAttribute("data-first") === "desc";
-  }
-  Array.prototype.forEach.call(document.querySelectorAll("table.sortable"), function (table) {
-    Array.prototype.forEach.call(table.tHead.rows[0].cells, function (th, col) {
-      var sort = function () { sortTable(table, col, nextDescending(th)); };
-      th.tabIndex = 0;
-      th.addEventListener("click", sort);
-      th.addEventListener("keydown", function (event) {
-        if (event.key === "Enter" || event.key === " ") { event.preventDefault(); sort(); }
-      });
-    });
-  });
-  var match = /^#sort=([\\w-]+)\\.(\\w+)\\.(asc|desc)$/.exec(window.location.hash);
-  var table = match && document.getElementById(match[1]);
-  var th = table && table.querySelector('th[data-key="' + match[2] + '"]');
-  if (th) { sortTable(table, th.cellIndex, match[3] === "desc"); }
-  document.body.setAttribute("data-sort-ready", "1");
-})();
-"""
