@@ -297,9 +297,11 @@ def _register_guard() -> None:
 
 
 def _register_serve() -> None:
+    from oodforge.cli.monitor import monitor
     from oodforge.cli.serve import serve
 
     app.command(name="serve")(_fail_cleanly(serve))
+    app.command(name="monitor")(_fail_cleanly(monitor))
 
 
 _register_guard()

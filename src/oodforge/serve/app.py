@@ -30,8 +30,10 @@ class GuardService:
     def __init__(self, guard: Guard, config: ServeConfig) -> None:
         self.guard, self.config = guard, config
         self.metrics = ServeMetrics()
-        self.monitor = None if config.bare else DriftMonitor(guard.alpha, window=config.window,
-                                                              log_path=config.monitor_log, webhook=config.webhook)
+        calibration = guard._require_calibration()
+        self.monitor = None if config.bare else DriftMonitor(
+            guard.alpha, window=config.window, log_path=config.monitor_log, webhook=config.webhook,
+            calibration_size=None if guard.class_conditional else len(calibration.scores))
         self.batcher = Batcher(self._run, config.max_batch, config.max_delay_ms, config.workers,
                                on_batch=self.metrics.batch_size.observe)
         self.token = config.token()
@@ -158,8 +160,7 @@ def create_app(config: ServeConfig, guard: Guard | None = None) -> FastAPI:
     async def monitor(limit: int = 20_000):
         if service.monitor is None:
             return JSONResponse({"error": "a bare server has no monitor"}, status_code=404)
-        return {"alpha": service.guard.alpha, "state": service.monitor.state(),
-                "records": service.monitor.history(limit)}
+        return service.monitor.snapshot(limit)
 
     @app.get("/metrics")
     async def metrics():
