@@ -32,13 +32,17 @@ from oodforge.util.errors import ConfigError
 
 @pytest.fixture(scope="module")
 def guard_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
+    return small_guard_dir(tmp_path_factory.mktemp("guard"), seed=0, alpha=0.2)
+
+
+def small_guard_dir(folder: Path, seed: int, alpha: float) -> Path:
+    """A saved KNN guard around a small CNN on 16 x 16 RGB images with classes ash, elm, oak."""
+    torch.manual_seed(seed)
     model = build_classifier(ModelConfig(backbone="small_cnn", num_classes=3, in_channels=3, mean=(0.5,) * 3,
                                          std=(0.25,) * 3)).eval()
     train = outputs_of(model, [(torch.rand(90, 3, 16, 16), torch.arange(90) % 3)])
     guard = Guard(model, create_detector("knn", k=5)._ready(train, model), classes=["ash", "elm", "oak"],
-                  preprocessing=Preprocessing((16, 16, 3)), alpha=0.2)
-    folder = tmp_path_factory.mktemp("guard")
+                  preprocessing=Preprocessing((16, 16, 3)), alpha=alpha)
     guard.calibrate(torch.rand(60, 3, 16, 16)).save(folder)
     return folder
 

@@ -10,36 +10,22 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 ray = pytest.importorskip("ray")
 
-from oodforge.deploy.guard import Guard  # noqa: E402
-from oodforge.deploy.inputs import Preprocessing  # noqa: E402
-from oodforge.detectors import create_detector  # noqa: E402
-from oodforge.detectors.base import outputs_of  # noqa: E402
-from oodforge.models.classifier import ModelConfig, build_classifier  # noqa: E402
 from oodforge.serve.app import create_app  # noqa: E402
 from oodforge.serve.config import ServeConfig  # noqa: E402
 from oodforge.serve.ray_engine import APP_NAME, DEPLOYMENT_NAME, deploy, shutdown  # noqa: E402
 from oodforge.util.errors import ConfigError  # noqa: E402
-from test_serve import expected, free_port, png  # noqa: E402
+from test_serve import expected, free_port, png, small_guard_dir  # noqa: E402
 
 IMAGES = [png(200 + i, size=16 if i % 2 else 24) for i in range(12)]  # calibration-like and not
 
 
 @pytest.fixture(scope="module")
 def guard_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(1)
-    model = build_classifier(ModelConfig(backbone="small_cnn", num_classes=3, in_channels=3, mean=(0.5,) * 3,
-                                         std=(0.25,) * 3)).eval()
-    train = outputs_of(model, [(torch.rand(90, 3, 16, 16), torch.arange(90) % 3)])
-    guard = Guard(model, create_detector("knn", k=5)._ready(train, model), classes=["ash", "elm", "oak"],
-                  preprocessing=Preprocessing((16, 16, 3)), alpha=0.3)
-    folder = tmp_path_factory.mktemp("guard")
-    guard.calibrate(torch.rand(60, 3, 16, 16)).save(folder)
-    return folder
+    return small_guard_dir(tmp_path_factory.mktemp("guard"), seed=1, alpha=0.3)
 
 
 @pytest.fixture(scope="module")
