@@ -175,7 +175,7 @@ class Running:
         self.thread.join(timeout=30)
 
 
-def test_concurrent_requests_are_batched_and_each_answer_matches_its_request(guard_dir):
+def test_concurrent_requests_are_batched_and_each_answer_matches_its_request(guard_dir, tmp_path):
     images = [png(100 + i) for i in range(64)]
     want = expected(guard_dir, images)
     app = create_app(ServeConfig(guard_dir, window=20, max_batch=16, max_delay_ms=20, workers=2))
@@ -192,6 +192,12 @@ def test_concurrent_requests_are_batched_and_each_answer_matches_its_request(gua
     with Running(app) as url:
         answers = asyncio.run(fire(url))
         metrics = httpx.get(url + "/metrics").text
+        from oodforge.serve.monitor_page import load_monitor_source, write_monitor_page
+
+        alpha, records = load_monitor_source(url + "/v1/monitor")  # what `oodforge monitor URL` reads
+        page = write_monitor_page(records, tmp_path / "page", alpha)
+    assert alpha == 0.2 and sum(len(r["p_values"]) for r in records) == len(images)
+    assert page.is_file() and "<img" in page.read_text()
     for i, answer in enumerate(answers):
         assert answer["request_id"] == f"req-{i}"
         row = answer["predictions"][0]

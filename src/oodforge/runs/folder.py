@@ -65,7 +65,8 @@ def write_together(folder: Path, writers: Mapping[str, Callable[[Path], None]]) 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     with _locked(folder):  # one writer moves its files in at a time, so no run is mixed from two writes
-        _move_in(staging, folder)
+        if (staging / COMMITTED).is_file():  # else another writer's finish_pending already rolled it forward
+            _move_in(staging, folder)
 
 
 def finish_pending(folder: Path) -> None:
