@@ -186,6 +186,18 @@ class Server:
                 pass
 
 
+def others_testing(mine: set[int]) -> bool:
+    """Whether a pytest process that is not ours runs on the machine (the numbers would share the cores)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) not in mine:
+            try:
+                if b"pytest" in (entry / "cmdline").read_bytes():
+                    return True
+            except OSError:
+                continue
+    return False
+
+
 # ---------------------------------------------------------------------------------------------- load
 async def load(server: Server, images: list[bytes], expected: list[tuple[str, str]], bare: bool, concurrency: int,
                seconds: float, tag: str, warmup: float = 2.0) -> dict:
@@ -200,9 +212,13 @@ async def load(server: Server, images: list[bytes], expected: list[tuple[str, st
     t0 = time.perf_counter()
     start, deadline = t0 + warmup, t0 + warmup + seconds
 
+    busy, loads = [], []
+
     async def sampler() -> None:
         while True:
             server.sample(t0)
+            busy.append(others_testing(server.seen | {os.getpid()}))
+            loads.append(os.getloadavg()[0])
             await asyncio.sleep(SAMPLE_S)
 
     async def worker(client: httpx.AsyncClient) -> None:
@@ -243,7 +259,8 @@ async def load(server: Server, images: list[bytes], expected: list[tuple[str, st
     return {"concurrency": concurrency, "seconds": round(elapsed, 2), "answered": len(ms),
             "images_per_s": len(ms) / elapsed, "p50_ms": statistics.median(ms) if ms else None,
             "p99_ms": ms[min(len(ms) - 1, int(round(0.99 * (len(ms) - 1))))] if ms else None,
-            "failed": failed, "mismatched": mismatched, "errors": errors, "rss_mb": rss, "pss_mb": pss}
+            "failed": failed, "mismatched": mismatched, "errors": errors, "rss_mb": rss, "pss_mb": pss,
+            "other_pytest_seen": any(busy), "load_avg_max": max(loads) if loads else None}
 
 
 def run_server(name: str, flags: list[str], args, images, expected) -> tuple[list[dict], dict]:
@@ -260,7 +277,8 @@ def run_server(name: str, flags: list[str], args, images, expected) -> tuple[lis
             rows.append({"server": name, **row})
             print(f"{name:34s} c={c:3d} {row['images_per_s']:7.1f} img/s  p50 {row['p50_ms']:7.1f} ms  p99 "
                   f"{row['p99_ms']:7.1f} ms  failed {row['failed']}  mismatched {row['mismatched']}  "
-                  f"RSS {row['rss_mb']:.0f} MiB", flush=True)
+                  f"RSS {row['rss_mb']:.0f} MiB{'  (another pytest ran)' if row['other_pytest_seen'] else ''}",
+                  flush=True)
         return rows, {"server": name, "ready_s": ready, "torch_threads": threads, "idle_rss_mb": idle,
                       "idle_pss_mb": idle_pss}
     finally:
@@ -292,11 +310,12 @@ def markdown(result: dict) -> str:
              f"{s['platform']}. One image per request; {s['images']} PNG images ({s['per_set']} each of "
              f"{', '.join(SETS)}), cycled in that order. {s['seconds']} s per cell after a 2 s warm-up; the "
              "client (one asyncio process, httpx) runs on the same cores as the server.", "",
-             "| server | concurrency | images/s | p50 (ms) | p99 (ms) | failed | mismatched | RSS at cell end (MiB) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| server | concurrency | images/s | p50 (ms) | p99 (ms) | failed | mismatched | RSS at cell end (MiB) "
+             "| other tests running |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in result["cells"]:
         lines.append(f"| {r['server']} | {r['concurrency']} | {r['images_per_s']:.1f} | {r['p50_ms']:.1f} | "
-                     f"{r['p99_ms']:.1f} | {r['failed']} | {r['mismatched']} | {r['rss_mb']:.0f} |")
+                     f"{r['p99_ms']:.1f} | {r['failed']} | {r['mismatched']} | {r['rss_mb']:.0f} | "
+                     f"{'yes' if r['other_pytest_seen'] else 'no'} |")
     lines += ["", "| server | ready after (s) | torch threads per process | idle RSS (MiB) | idle PSS (MiB) |",
               "|---|---:|---:|---:|---:|"]
     for r in result["servers"]:
@@ -306,10 +325,11 @@ def markdown(result: dict) -> str:
     if m:
         lines += ["", f"## Memory over {s['memory_minutes']} min at concurrency 32 (uvicorn guarded)", "",
                   "| answered | images/s | p50 (ms) | p99 (ms) | failed | mismatched | RSS after 1 min (MiB) | "
-                  "RSS at the end (MiB) | end / 1 min |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+                  "RSS at the end (MiB) | end / 1 min | other tests running |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
                   f"| {m['answered']} | {m['images_per_s']:.1f} | {m['p50_ms']:.1f} | {m['p99_ms']:.1f} | "
                   f"{m['failed']} | {m['mismatched']} | {m['rss_after_1min_mb']:.0f} | {m['rss_end_mb']:.0f} | "
-                  f"{m['rss_ratio_end_to_1min']:.3f} |"]
+                  f"{m['rss_ratio_end_to_1min']:.3f} | {'yes' if m['other_pytest_seen'] else 'no'} |"]
     lines += ["", "## Engines at concurrency 32", "", result["comparison"], ""]
     return "\n".join(lines)
 
@@ -352,7 +372,8 @@ def main() -> None:
     if memory:
         print(f"memory run: RSS {memory['rss_after_1min_mb']:.0f} MiB after 1 min, {memory['rss_end_mb']:.0f} MiB "
               f"at the end (x{memory['rss_ratio_end_to_1min']:.3f}); {memory['images_per_s']:.1f} img/s, "
-              f"failed {memory['failed']}, mismatched {memory['mismatched']}", flush=True)
+              f"failed {memory['failed']}, mismatched {memory['mismatched']}, another pytest ran: "
+              f"{memory['other_pytest_seen']}", flush=True)
     import ray
     import torch
 
