@@ -22,8 +22,8 @@ class KLMatching(Detector):
     templates d_k from (label-free) ID validation outputs, anomaly score min_k KL[p(y|x) || d_k]. The
     argument order and the minimum over all templates follow the paper and OpenOOD v1.5
     (``openood/postprocessors/kl_matching_postprocessor.py``: ``scipy.stats.entropy(p, d_k)`` inside
-    ``pairwise_distances_argmin_min``). ``match="predicted"`` uses only the template of the class x is
-    predicted as, KL(p(x) || d_pred(x)) (pytorch-ood's variant). Classes that no fitting sample is
+    ``pairwise_distances_argmin_min``) and pytorch-ood 0.4.0. ``match="predicted"`` uses only the template of the
+    class x is predicted as, KL(p(x) || d_pred(x)) (earlier pytorch-ood releases). Classes that no fitting sample is
     predicted as have no template: they are left out of the minimum (OpenOOD gives them a one-hot
     template, whose KL is infinite for any non-one-hot p: the same), and with ``match="predicted"`` a
     sample predicted as such a class falls back to the nearest template. Fitted on the outputs passed
