@@ -85,6 +85,12 @@ def _fittable() -> list[str]:
 def test_state_saves_and_reloads_the_same_way(name: str, fitted_setup, tmp_path) -> None:
     model, train, test = fitted_setup
     options = {"flow": {"blocks": 2, "batch_size": 32}, "vim": {"dim": 8}}.get(name, {})
+    if "layers" in DETECTORS.get(name).requires:  # the tiny net names no stages: read its body
+        options = {"rankfeat": {"layer": "body"}}.get(name, {"layers": "body.0+body"})
+        keys = create_detector(name, **options).layer_keys(model)
+        train = train.with_layers(extract_outputs(model, TensorDataset(torch.rand(120, 3, 4, 4), torch.arange(120) % 4),
+                                                  quiet=True, layers=keys).layers)
+        test = test.with_layers(extract_outputs(model, torch.rand(30, 3, 4, 4) * 2, quiet=True, layers=keys).layers)
     detector = create_detector(name, **options)._ready(train, model)
     detector.fitted_ = True
     path = detector.save(tmp_path / f"{name}.pt")

@@ -121,8 +121,8 @@ def build_guard(benchmark: Benchmark, model: str, weights: str | Path | None = N
         spec, choice = choose_detector(classifier, benchmark, cache, device, batch_size, precision, root, quiet)
     label, options = next(iter(spec.items()))
     fitted = build_detector(label, options)
-    train = cache.outputs(classifier, plan.fit, device, batch_size, quiet, precision=precision) \
-        if fitted.needs_fit else None
+    train = cache.outputs(classifier, plan.fit, device, batch_size, quiet, precision=precision,
+                          layers=fitted.layer_keys(classifier)) if fitted.needs_fit else None
     fitted._ready(train, classifier)
     guard = Guard(classifier, fitted, classes=_classes(benchmark, root), alpha=alpha,
                   class_conditional=class_conditional, device=device, precision=precision,
@@ -164,7 +164,8 @@ def _scores(guard: Guard, images: Images, cache: OutputCache, device: str, batch
     """(logits, scores) of ``images`` under the guard: cached outputs where the detector reads only outputs."""
     if guard.detector.needs_inputs:
         return guard.score_batches(_loader(images, batch_size))
-    outputs = cache.outputs(guard.model, images, device, batch_size, quiet, precision=guard.precision)
+    outputs = cache.outputs(guard.model, images, device, batch_size, quiet, precision=guard.precision,
+                            layers=guard.detector.layer_keys(guard.model))
     with torch.inference_mode():
         return outputs.logits, guard.detector.score_outputs(outputs).float().cpu()
 

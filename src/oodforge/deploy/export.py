@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from oodforge.deploy.guard import Guard
-from oodforge.detectors.base import features_and_logits
+from oodforge.detectors.base import forward_outputs
 from oodforge.outputs import ModelOutputs
 from oodforge.util.atomic import atomic_write
 from oodforge.util.errors import ConfigError
@@ -55,9 +55,10 @@ class GuardGraph(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(logits, score, p_value, out) of a preprocessed batch."""
-        features, logits = features_and_logits(self.model, x)
+        features, logits, layers = forward_outputs(self.model, x, self.detector.layer_keys(self.model))
         logits = logits.float()
-        score = self.detector.score_outputs(ModelOutputs(logits, features.flatten(1).float())).float()
+        score = self.detector.score_outputs(ModelOutputs(logits, features.flatten(1).float(),
+                                                         layers={k: v.float() for k, v in layers.items()})).float()
         row = logits.argmax(1) if self.class_conditional else torch.zeros_like(logits[:, 0], dtype=torch.long)
         reference = self.calibration[row]  # (N, width), padded with +inf
         count = (reference <= score.double()[:, None]).double().sum(1)

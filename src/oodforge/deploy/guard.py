@@ -21,6 +21,7 @@ from oodforge.detectors.base import (
     Detector,
     create_detector,
     features_and_logits,
+    forward_outputs,
     registered_name,
     require_interface,
 )
@@ -129,8 +130,9 @@ class Guard:
                 scores = self.detector.score(self.model, x)
                 return logits.float().cpu(), scores.float().cpu()
             with torch.inference_mode():
-                features, logits = features_and_logits(self.model, x)
-        outputs = ModelOutputs(logits.float(), features.flatten(1).float())
+                features, logits, layers = forward_outputs(self.model, x, self.detector.layer_keys(self.model))
+        outputs = ModelOutputs(logits.float(), features.flatten(1).float(),
+                               layers={k: v.float() for k, v in layers.items()})
         with torch.inference_mode():
             scores = self.detector.score_outputs(outputs)
         return outputs.logits.cpu(), scores.float().cpu()

@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from oodforge.detectors.layers import layer_outputs
 from oodforge.outputs import ModelOutputs, has_interface
 from oodforge.util.errors import ConfigError, OodforgeError
 from oodforge.util.registry import Registry
@@ -23,7 +24,7 @@ class NotFittedError(OodforgeError, RuntimeError):
     """Raised when ``score`` is called on a detector that needs ``fit`` first."""
 
 
-REQUIREMENTS = ("logits", "features", "train", "head", "gradients")
+REQUIREMENTS = ("logits", "features", "train", "head", "gradients", "layers")
 
 
 class _ValidatedWhenBuilt(type):
@@ -108,7 +109,7 @@ class Detector(metaclass=_ValidatedWhenBuilt):
         if not isinstance(train, ModelOutputs):
             if model is None:
                 raise ConfigError(f"{self._label()}: fit on a DataLoader needs the model too: fit(loader, model)")
-            train = outputs_of(model, train)
+            train = outputs_of(model, train, self.layer_keys(model))
         self.model_ = model
         self._fit(train)
         self.fitted_ = True
@@ -137,11 +138,16 @@ class Detector(metaclass=_ValidatedWhenBuilt):
     def _score(self, outputs: ModelOutputs) -> Tensor:
         raise NotImplementedError
 
+    def layer_keys(self, model: nn.Module | None) -> list[str]:
+        """The intermediate layers this detector reads, as ``<layer>@<reduction>`` keys
+        (``oodforge.detectors.layers``); none unless ``requires`` has ``layers``."""
+        return []
+
     def score(self, model: nn.Module, x: Tensor) -> Tensor:
         """Scores of a batch of inputs ``x`` under ``model`` (any classifier), shape (N,)."""
         with torch.no_grad():
-            features, logits = features_and_logits(model, x)
-        return self.score_outputs(ModelOutputs(logits, features.flatten(1)))
+            features, logits, layers = forward_outputs(model, x, self.layer_keys(model))
+        return self.score_outputs(ModelOutputs(logits, features.flatten(1), layers=layers))
 
     def get_state(self) -> dict:
         """The learned state: every attribute ending in ``_`` but the model (tensors moved to the CPU)."""
@@ -239,7 +245,16 @@ def features_and_logits(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     return features, model.head(features)
 
 
-def outputs_of(model: nn.Module, batches: Iterable) -> ModelOutputs:
+def forward_outputs(model: nn.Module, x: Tensor, layer_keys: list[str] | tuple[str, ...] = ()
+                    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """(features, logits, {key: reduced layer outputs}) of one forward pass; no hooks when no keys are asked."""
+    if not layer_keys:
+        features, logits = features_and_logits(model, x)
+        return features, logits, {}
+    return layer_outputs(require_interface(model), x, layer_keys, features_and_logits)
+
+
+def outputs_of(model: nn.Module, batches: Iterable, layer_keys: list[str] | tuple[str, ...] = ()) -> ModelOutputs:
     """The outputs of ``model`` (eval mode, no gradients, on its own device) over batches of ``x`` or ``(x, y)``."""
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else torch.device("cpu")
@@ -251,9 +266,10 @@ def outputs_of(model: nn.Module, batches: Iterable) -> ModelOutputs:
             for batch in batches:
                 x, y = (batch[0], batch[1]) if isinstance(batch, list | tuple) and len(batch) > 1 else (batch, None)
                 x = x[0] if isinstance(x, list | tuple) else x
-                features, logits = features_and_logits(model, x.to(device))
+                features, logits, layers = forward_outputs(model, x.to(device), layer_keys)
                 parts.append(ModelOutputs(logits.float().cpu(), features.flatten(1).float().cpu(),
-                                          None if y is None else torch.as_tensor(y).long().cpu()))
+                                          None if y is None else torch.as_tensor(y).long().cpu(),
+                                          {k: v.float().cpu() for k, v in layers.items()}))
     finally:
         model.train(was_training)
     if not parts:

@@ -15,11 +15,12 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from oodforge.data.datasets import cache_root
 from oodforge.evaluation.extraction import Images, OutputWriter, compute_outputs, read_outputs
@@ -70,9 +71,52 @@ class OutputCache:
 
     def outputs(self, model: nn.Module, images: Images, device: torch.device | str = "cpu",
                 batch_size: int = 500, quiet: bool = True, model_key: str | None = None,
-                precision: str = "32-true") -> ModelOutputs:
+                precision: str = "32-true", layers: Sequence[str] = ()) -> ModelOutputs:
         """Cached outputs of ``model`` on ``images`` under ``precision``, computed on a miss (float32 and
-        bf16 outputs are kept apart: ``<dataset>-<hash>`` and ``<dataset>-<hash>@bf16-mixed``)."""
+        bf16 outputs are kept apart: ``<dataset>-<hash>`` and ``<dataset>-<hash>@bf16-mixed``), with the
+        intermediate ``layers`` (keys ``<layer>@<reduction>``) when asked (``layer_outputs``)."""
+        outputs = self._outputs(model, images, device, batch_size, quiet, model_key, precision)
+        if not layers:
+            return outputs
+        return outputs.with_layers(self.layer_outputs(model, images, layers, device, batch_size, quiet, model_key,
+                                                      precision))
+
+    def layer_outputs(self, model: nn.Module, images: Images, keys: Sequence[str], device: torch.device | str = "cpu",
+                      batch_size: int = 500, quiet: bool = True, model_key: str | None = None,
+                      precision: str = "32-true") -> dict[str, Tensor]:
+        """Cached reduced outputs of intermediate layers, one entry per key beside the set's entry
+        (``<dataset>-<hash>.layers/<key>``), so each detector's layers are computed once and shared; the keys
+        missing from the cache are computed together in one forward pass."""
+        precision = resolve_precision(precision, device)
+        keys = list(dict.fromkeys(keys))
+        if not self.enabled:
+            return compute_outputs(model, images, device, batch_size, quiet, precision=precision, layers=keys).layers
+        entry = self.entry(model, images, precision, model_key)
+        folders = {key: entry.with_name(entry.name + ".layers") / _layer_slug(key) for key in keys}
+        values = {key: _read_layer(folder) for key, folder in folders.items() if (folder / "complete").is_file()}
+        values = {key: value for key, value in values.items() if value is not None}
+        missing = [key for key in keys if key not in values]
+        if missing:
+            scratch = partial_path(entry.with_name(entry.name + ".layer-pass"))
+            try:
+                computed = compute_outputs(model, images, device, batch_size, quiet, folder=scratch,
+                                           precision=precision, layers=missing)
+                files = json.loads((scratch / "layers.json").read_text())
+                for key in missing:
+                    if self._commit(folders[key], functools.partial(_move_layer, scratch / f"{files[key]}.npy")):
+                        values[key] = _read_layer(folders[key])
+                    else:
+                        values[key] = computed.layers[key].clone()
+            except OSError as exc:
+                warnings.warn(f"output cache {self.folder} not written ({exc}); going on without it", stacklevel=2)
+                values |= compute_outputs(model, images, device, batch_size, quiet, precision=precision,
+                                          layers=missing).layers
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+        return {key: values[key] for key in keys}
+
+    def _outputs(self, model: nn.Module, images: Images, device: torch.device | str, batch_size: int, quiet: bool,
+                 model_key: str | None, precision: str) -> ModelOutputs:
         precision = resolve_precision(precision, device)
         if not self.enabled:
             return compute_outputs(model, images, device, batch_size, quiet, precision=precision)
@@ -128,6 +172,27 @@ class OutputCache:
             writer.finish()
 
         self._commit(self.entry(model, images, precision), fill)
+
+
+def _layer_slug(key: str) -> str:
+    """A folder name for a layer key: readable, and unique through a hash of the whole key."""
+    return f"{_slug(key)[-40:]}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def _move_layer(source: Path, folder: Path) -> None:
+    """Fill a layer entry's folder with the array a forward pass wrote at ``source``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    os.replace(source, folder / "values.npy")
+    (folder / "complete").write_text("1\n")
+
+
+def _read_layer(folder: Path) -> Tensor | None:
+    """A layer entry's values, memory-mapped copy-on-write; None (and the entry removed) when it is damaged."""
+    try:
+        return torch.from_numpy(np.load(folder / "values.npy", mmap_mode="c"))
+    except (OSError, ValueError):
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
 
 
 def _slug(name: str) -> str:

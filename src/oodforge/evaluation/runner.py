@@ -51,15 +51,19 @@ def evaluate(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, 
     warn_shared(ood_sets, sets[benchmark.id_dataset], "test", benchmark.id_dataset)
     outputs = {n: cache.outputs(model, s, device, batch_size, quiet, precision=precision) for n, s in sets.items()}
 
-    def train_outputs() -> ModelOutputs:
+    def train_outputs(layers: list[str]) -> ModelOutputs:
         fit = fit_images(benchmark, root, train_subset, tune)
         warn_shared(ood_sets, fit, "training", benchmark.id_dataset)
-        return cache.outputs(model, fit, device, batch_size, quiet, precision=precision)
+        return cache.outputs(model, fit, device, batch_size, quiet, precision=precision, layers=layers)
+
+    def layer_source(name: str, layers: list[str]) -> dict[str, torch.Tensor]:
+        return cache.layer_outputs(model, sets[name], layers, device, batch_size, quiet, precision=precision)
 
     loaders = {n: functools.partial(image_loader, s, batch_size) for n, s in sets.items()}
     evaluation = score_sets(model, detectors, outputs, loaders, benchmark.id_dataset, benchmark.ood, train_outputs,
                             method=method, fitted=fitted, quiet=quiet, device=device,
-                            timings={"outputs_s": time.perf_counter() - start}, precision=precision)
+                            timings={"outputs_s": time.perf_counter() - start}, precision=precision,
+                            layer_source=layer_source)
     evaluation.timings["cache_keys_s"] = cache.key_seconds - key_seconds
     if tuning is not None:
         evaluation.tuning = tuning.record()

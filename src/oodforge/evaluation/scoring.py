@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from oodforge.evaluation.extraction import split_batch
 from oodforge.evaluation.metrics import accuracy, ood_metrics
 from oodforge.evaluation.result import Evaluation
 from oodforge.evaluation.specs import build_detector
-from oodforge.util.errors import DivergedError
+from oodforge.util.errors import ConfigError, DivergedError
 from oodforge.util.precision import autocast, resolve_precision
 from oodforge.util.progress import progress_bar
 
@@ -46,15 +46,23 @@ def id_accuracy(outputs: ModelOutputs) -> float | None:
     return accuracy(outputs.logits.numpy(), labels.numpy())
 
 
+def layer_keys_of(detectors: Iterable[Detector], model: torch.nn.Module) -> list[str]:
+    """Every intermediate layer key (``<layer>@<reduction>``) the ``detectors`` that run on ``model`` read."""
+    keys = [key for detector in detectors if detector.supports(model) for key in detector.layer_keys(model)]
+    return list(dict.fromkeys(keys))
+
+
 def score_sets(model: torch.nn.Module, detectors: dict[str, dict], outputs: dict[str, ModelOutputs],
                loaders: dict[str, Callable[[], DataLoader]], id_name: str, groups: dict[str, str],
-               train_outputs: Callable[[], ModelOutputs], *, method: str | None = None,
+               train_outputs: Callable[[list[str]], ModelOutputs], *, method: str | None = None,
                fitted: dict[str, Detector] | None = None, quiet: bool = False, device: torch.device | str = "cpu",
-               timings: dict | None = None, precision: str = "32-true") -> Evaluation:
+               timings: dict | None = None, precision: str = "32-true",
+               layer_source: Callable[[str, list[str]], dict[str, torch.Tensor]] | None = None) -> Evaluation:
     """Fit each detector once and score the ID set ``id_name`` and every OOD set of ``groups`` with it.
 
     ``outputs`` holds every set's model outputs; detectors that need the inputs (ODIN) read them
-    from ``loaders``; ``train_outputs`` is called only when some detector must be fitted.
+    from ``loaders``; ``train_outputs(layer keys)`` is called only when some detector must be fitted.
+    When some detector reads intermediate layers, ``layer_source(set name, keys)`` gives them for each scored set.
     """
     fitted = fitted or {}
     candidates = {n: fitted.get(n) or build_detector(n, detectors[n]) for n in detectors}
@@ -63,7 +71,13 @@ def score_sets(model: torch.nn.Module, detectors: dict[str, dict], outputs: dict
     for name in fitted:
         if name in built and getattr(built[name], "model_", None) is None:
             built[name].model_ = model
-    train = train_outputs() if any(d.needs_fit and n not in fitted for n, d in built.items()) else None
+    layers = layer_keys_of(built.values(), model)
+    if layers:
+        if layer_source is None:
+            raise ConfigError(f"{', '.join(n for n, d in built.items() if d.layer_keys(model))} read intermediate "
+                              "layers, which this pipeline cannot extract")
+        outputs = {**outputs, **{d: outputs[d].with_layers(layer_source(d, layers)) for d in [id_name, *groups]}}
+    train = train_outputs(layers) if any(d.needs_fit and n not in fitted for n, d in built.items()) else None
     timings = {**(timings or {})}
     evaluation = Evaluation(id_accuracy(outputs[id_name]), diagnostics=feature_diagnostics(outputs[id_name]),
                             timings=timings, precision=resolve_precision(precision, device))

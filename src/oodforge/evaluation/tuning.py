@@ -23,7 +23,7 @@ from oodforge.detectors import Detector, ModelOutputs
 from oodforge.evaluation.cache import OutputCache
 from oodforge.evaluation.extraction import image_loader
 from oodforge.evaluation.metrics import ood_metrics
-from oodforge.evaluation.scoring import input_scores
+from oodforge.evaluation.scoring import input_scores, layer_keys_of
 from oodforge.evaluation.specs import build_detector
 from oodforge.util.errors import ConfigError
 from oodforge.util.progress import progress_bar
@@ -91,7 +91,9 @@ def tune(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, dict
     fit_images, val_id = benchmark.split_train(root)
     val_ood = {n: s for n, s in benchmark.val_ood_sets(root).items() if n not in apart}
     sets = {"id": val_id, **val_ood}
-    outputs = {n: cache.outputs(model, s, device, batch_size, quiet, precision=precision) for n, s in sets.items()}
+    layers = layer_keys_of((build_detector(label, options) for label, options in detectors.items()), model)
+    outputs = {n: cache.outputs(model, s, device, batch_size, quiet, precision=precision, layers=layers)
+               for n, s in sets.items()}
     train: ModelOutputs | None = None
     tuning = Tuning({"id": f"{val_id.name} ({len(val_id)} images)", **_holdout_record(benchmark, fit_images, val_id),
                      "ood": {n: f"{benchmark.val['ood'][n]['data']}:{benchmark.val['ood'][n].get('split', 'test')} "
@@ -106,7 +108,8 @@ def tune(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, dict
                 bar.advance(task)
                 continue
             if default.needs_fit and train is None:
-                train = cache.outputs(model, fit_images, device, batch_size, quiet, precision=precision)
+                train = cache.outputs(model, fit_images, device, batch_size, quiet, precision=precision,
+                                      layers=layers)
             outcome = _try_validation(default, model, train, outputs, sets, device, batch_size, precision)
             tuning.validation_auroc[label] = _auroc_record(outcome)
             trials = grid(type(default).search_space, options)

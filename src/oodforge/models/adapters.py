@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from oodforge.models.classifier import CheckpointError, Classifier, read_checkpoint, state_dict_mismatch
+from oodforge.models.layers import default_layers
 from oodforge.outputs import has_interface
 from oodforge.util.errors import ConfigError, ModelError
 
@@ -38,11 +39,13 @@ class WrappedClassifier(nn.Module):
         family: str,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        layers: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self.net = net
         self.head_name = head_name
         self.family = family
+        self.layer_names = None if layers is None else [str(name) for name in layers]
         self.normalize = mean is not None
         self._norm = (tuple(float(v) for v in mean), tuple(float(v) for v in std)) if self.normalize else None
         if self.normalize:
@@ -98,6 +101,18 @@ class WrappedClassifier(nn.Module):
             )
         return torch.flatten(captured[0], 1), logits
 
+    def default_layers(self) -> list[str]:
+        """The intermediate layers multi-layer detectors read: ``layers=`` as given, else the net's stage ends
+        (``oodforge.models.layers``), found once."""
+        if self.layer_names is None:
+            channels = next((m.in_channels for m in self.net.modules() if isinstance(m, nn.Conv2d)), 3)
+            self.layer_names = default_layers(self.net, channels)
+        return list(self.layer_names)
+
+    def layer_module(self, name: str) -> nn.Module:
+        """The wrapped net's module ``name`` (names are the net's own, as in ``net.named_modules()``)."""
+        return self.net.get_submodule(name)
+
     def describe(self) -> dict:
         """JSON-serialisable summary of the wrapped net for results.json."""
         info = {
@@ -117,8 +132,10 @@ def wrap_model(
     head: str | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    layers: Sequence[str] | None = None,
 ) -> nn.Module:
-    """Give ``net`` the ``features``/``logits``/``head`` interface; oodforge classifiers pass through unchanged."""
+    """Give ``net`` the ``features``/``logits``/``head`` interface; oodforge classifiers pass through unchanged.
+    ``layers`` names the modules multi-layer detectors read (default: the net's stage ends)."""
     if isinstance(net, (Classifier, WrappedClassifier)):
         return net
     if not isinstance(net, nn.Module):
@@ -128,7 +145,13 @@ def wrap_model(
     if mean is not None and len(mean) != len(std):
         raise ConfigError(f"mean has {len(mean)} values but std has {len(std)}")
     head_name = _check_head(net, head) if head is not None else _detect_head(net)
-    return WrappedClassifier(net, head_name, _family(net), mean=mean, std=std)
+    if layers is not None:
+        for name in layers:
+            try:
+                net.get_submodule(name)
+            except AttributeError:
+                raise ConfigError(f"layer {name!r} not found in {type(net).__name__}") from None
+    return WrappedClassifier(net, head_name, _family(net), mean=mean, std=std, layers=layers)
 
 
 def _family(net: nn.Module) -> str:

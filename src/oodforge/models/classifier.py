@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from oodforge.models.backbones import create_backbone
 from oodforge.models.heads import create_head
+from oodforge.models.layers import default_layers
 from oodforge.util.atomic import atomic_torch_save
 from oodforge.util.errors import DivergedError, ModelError
 
@@ -55,6 +56,12 @@ class Classifier(nn.Module):
         """(features, test-time logits) from one forward pass."""
         features = self.features(x)
         return features, self.run_head(features)
+
+    def default_layers(self) -> list[str]:
+        """The backbone's stage ends, which multi-layer detectors read (``oodforge.models.layers``)."""
+        body = getattr(self.backbone, "net", self.backbone)
+        prefix = "backbone.net." if body is not self.backbone else "backbone."
+        return [prefix + name for name in default_layers(body, self.config.in_channels)]
 
     def run_head(self, features: Tensor, labels: Tensor | None = None) -> Tensor:
         """The head in float32 even under autocast: bf16 logits of a cosine head (s * cos, about 30) would

@@ -54,16 +54,20 @@ def evaluate_ood(model: torch.nn.Module, id_train: Data | None, id_test: Data, o
     outputs = {n: extract_outputs(model, loader, device, quiet=quiet, precision=precision)
                for n, loader in loaders.items()}
 
-    def train_outputs() -> ModelOutputs:
+    def train_outputs(layers: list[str]) -> ModelOutputs:
         if id_train is None:
             raise ConfigError("id_train is needed to fit " + ", ".join(
                 n for n, o in spec.items() if build_detector(n, o).needs_fit))
         return extract_outputs(model, as_loader(id_train, batch_size, num_workers), device, quiet=quiet,
-                               precision=precision)
+                               precision=precision, layers=layers)
+
+    def layer_source(name: str, layers: list[str]) -> dict[str, torch.Tensor]:
+        return extract_outputs(model, loaders[name], device, quiet=quiet, precision=precision, layers=layers).layers
 
     evaluation = score_sets(model, spec, outputs, {n: (lambda lo=lo: lo) for n, lo in loaders.items()}, id_name,
                             groups, train_outputs, quiet=quiet, device=device,
-                            timings={"outputs_s": time.perf_counter() - start}, precision=precision)
+                            timings={"outputs_s": time.perf_counter() - start}, precision=precision,
+                            layer_source=layer_source)
     benchmark = Benchmark(name, id_name, groups, (0, 0, 0), (), ())
     return write_run(None if out is None else Path(out), benchmark, {"model": MethodRun.of(model, evaluation)})
 
