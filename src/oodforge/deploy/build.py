@@ -122,8 +122,9 @@ def build_guard(benchmark: Benchmark, model: str, weights: str | Path | None = N
     label, options = next(iter(spec.items()))
     fitted = build_detector(label, options)
     train = cache.outputs(classifier, plan.fit, device, batch_size, quiet, precision=precision,
-                          layers=fitted.layer_keys(classifier)) if fitted.needs_fit else None
-    fitted._ready(train, classifier)
+                          layers=fitted.layer_keys(classifier)) if fitted.needs_fit and not fitted.fits_on_inputs \
+        else None
+    fitted._ready(train, classifier, lambda: _loader(plan.fit, batch_size))
     guard = Guard(classifier, fitted, classes=_classes(benchmark, root), alpha=alpha,
                   class_conditional=class_conditional, device=device, precision=precision,
                   preprocessing=Preprocessing(benchmark.image_shape, benchmark.resize),

@@ -6,7 +6,7 @@ import inspect
 import pickle
 import typing
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import ClassVar
 
@@ -48,6 +48,7 @@ class Detector(metaclass=_ValidatedWhenBuilt):
 
     needs_fit: ClassVar[bool] = False
     needs_inputs: ClassVar[bool] = False
+    fits_on_inputs: ClassVar[bool] = False  # fit reads the training inputs themselves (``_fit_inputs``)
     requires: ClassVar[tuple[str, ...]] = ("logits",)
     search_space: ClassVar[dict[str, list]] = {}
 
@@ -109,7 +110,14 @@ class Detector(metaclass=_ValidatedWhenBuilt):
         if not isinstance(train, ModelOutputs):
             if model is None:
                 raise ConfigError(f"{self._label()}: fit on a DataLoader needs the model too: fit(loader, model)")
+            if self.fits_on_inputs:
+                self.model_ = model
+                self._fit_inputs(train, model)
+                self.fitted_ = True
+                return self
             train = outputs_of(model, train, self.layer_keys(model))
+        elif self.fits_on_inputs:
+            raise ConfigError(f"{self._label()} fits on the training inputs: fit(loader, model), not on outputs")
         self.model_ = model
         self._fit(train)
         self.fitted_ = True
@@ -118,8 +126,18 @@ class Detector(metaclass=_ValidatedWhenBuilt):
     def _fit(self, train: ModelOutputs) -> None:
         """Override to learn state into attributes ending in ``_``."""
 
-    def _ready(self, train: ModelOutputs | None, model: nn.Module | None) -> Detector:
-        """Ready to score: ``fit`` when the detector learns, else just remember the model (for its head)."""
+    def _fit_inputs(self, batches: Iterable, model: nn.Module) -> None:
+        """Override, with ``fits_on_inputs = True``, to learn from batches ``x`` or ``(x, y)`` of training inputs."""
+        raise NotImplementedError
+
+    def _ready(self, train: ModelOutputs | None, model: nn.Module | None,
+               train_inputs: Callable[[], Iterable] | None = None) -> Detector:
+        """Ready to score: ``fit`` when the detector learns (on ``train_inputs()`` batches when it fits on
+        inputs), else just remember the model (for its head)."""
+        if self.fits_on_inputs:
+            if train_inputs is None:
+                raise ConfigError(f"{self._label()} fits on the training inputs, which this pipeline does not give")
+            return self.fit(train_inputs(), model)
         if self.needs_fit:
             return self.fit(train, model)
         self.model_ = model

@@ -63,7 +63,9 @@ def evaluate(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, 
     evaluation = score_sets(model, detectors, outputs, loaders, benchmark.id_dataset, benchmark.ood, train_outputs,
                             method=method, fitted=fitted, quiet=quiet, device=device,
                             timings={"outputs_s": time.perf_counter() - start}, precision=precision,
-                            layer_source=layer_source)
+                            layer_source=layer_source,
+                            train_inputs=lambda: image_loader(fit_images(benchmark, root, train_subset, tune),
+                                                              batch_size))
     evaluation.timings["cache_keys_s"] = cache.key_seconds - key_seconds
     if tuning is not None:
         evaluation.tuning = tuning.record()

@@ -57,12 +57,14 @@ def score_sets(model: torch.nn.Module, detectors: dict[str, dict], outputs: dict
                train_outputs: Callable[[list[str]], ModelOutputs], *, method: str | None = None,
                fitted: dict[str, Detector] | None = None, quiet: bool = False, device: torch.device | str = "cpu",
                timings: dict | None = None, precision: str = "32-true",
-               layer_source: Callable[[str, list[str]], dict[str, torch.Tensor]] | None = None) -> Evaluation:
+               layer_source: Callable[[str, list[str]], dict[str, torch.Tensor]] | None = None,
+               train_inputs: Callable[[], DataLoader] | None = None) -> Evaluation:
     """Fit each detector once and score the ID set ``id_name`` and every OOD set of ``groups`` with it.
 
     ``outputs`` holds every set's model outputs; detectors that need the inputs (ODIN) read them
     from ``loaders``; ``train_outputs(layer keys)`` is called only when some detector must be fitted.
-    When some detector reads intermediate layers, ``layer_source(set name, keys)`` gives them for each scored set.
+    When some detector reads intermediate layers, ``layer_source(set name, keys)`` gives them for each scored set;
+    detectors that fit on the training inputs themselves read ``train_inputs()``.
     """
     fitted = fitted or {}
     candidates = {n: fitted.get(n) or build_detector(n, detectors[n]) for n in detectors}
@@ -77,7 +79,8 @@ def score_sets(model: torch.nn.Module, detectors: dict[str, dict], outputs: dict
             raise ConfigError(f"{', '.join(n for n, d in built.items() if d.layer_keys(model))} read intermediate "
                               "layers, which this pipeline cannot extract")
         outputs = {**outputs, **{d: outputs[d].with_layers(layer_source(d, layers)) for d in [id_name, *groups]}}
-    train = train_outputs(layers) if any(d.needs_fit and n not in fitted for n, d in built.items()) else None
+    train = train_outputs(layers) if any(d.needs_fit and not d.fits_on_inputs and n not in fitted
+                                         for n, d in built.items()) else None
     timings = {**(timings or {})}
     evaluation = Evaluation(id_accuracy(outputs[id_name]), diagnostics=feature_diagnostics(outputs[id_name]),
                             timings=timings, precision=resolve_precision(precision, device))
@@ -88,7 +91,7 @@ def score_sets(model: torch.nn.Module, detectors: dict[str, dict], outputs: dict
             bar.update(task, status=name)
             tic = time.perf_counter()
             if name not in fitted:
-                detector._ready(train, model)
+                detector._ready(train, model, train_inputs)
             scores = {dataset: (input_scores(detector, model, loaders[dataset](), device, precision)
                                 if detector.needs_inputs else detector.score_outputs(outputs[dataset])
                                 ).numpy().astype(np.float64)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +96,10 @@ def tune(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, dict
     outputs = {n: cache.outputs(model, s, device, batch_size, quiet, precision=precision, layers=layers)
                for n, s in sets.items()}
     train: ModelOutputs | None = None
+
+    def train_inputs() -> Iterable:
+        return image_loader(fit_images, batch_size)
+
     tuning = Tuning({"id": f"{val_id.name} ({len(val_id)} images)", **_holdout_record(benchmark, fit_images, val_id),
                      "ood": {n: f"{benchmark.val['ood'][n]['data']}:{benchmark.val['ood'][n].get('split', 'test')} "
                                 f"({len(s)} images)" for n, s in val_ood.items()},
@@ -107,16 +112,17 @@ def tune(model: torch.nn.Module, benchmark: Benchmark, detectors: dict[str, dict
             if not default.supports(model):
                 bar.advance(task)
                 continue
-            if default.needs_fit and train is None:
+            if default.needs_fit and not default.fits_on_inputs and train is None:
                 train = cache.outputs(model, fit_images, device, batch_size, quiet, precision=precision,
                                       layers=layers)
-            outcome = _try_validation(default, model, train, outputs, sets, device, batch_size, precision)
+            outcome = _try_validation(default, model, train, outputs, sets, device, batch_size, precision,
+                                      train_inputs)
             tuning.validation_auroc[label] = _auroc_record(outcome)
             trials = grid(type(default).search_space, options)
             if trials:  # the trial with the default values reuses the default's scores
                 defaults = {k: getattr(default, k) for k in trials[0] if hasattr(default, k)}
                 record, by_set = _search(label, options, trials, model, train, outputs, sets, device, batch_size,
-                                         precision, known=(defaults, outcome))
+                                         precision, known=(defaults, outcome), train_inputs=train_inputs)
                 tuning.detectors[label] = record
                 tuning.validation_auroc[f"{label}[tuned]"] = {"mean": record["val_auroc"], "by_set": by_set}
             bar.advance(task)
@@ -133,7 +139,8 @@ def _holdout_record(benchmark: Benchmark, fit_images: Images, val_id: Images) ->
 
 
 def _search(label: str, options: dict, trials: list[dict], model, train, outputs, sets, device,
-            batch_size: int, precision: str, known: tuple[dict, dict | str] | None = None) -> tuple[dict, dict]:
+            batch_size: int, precision: str, known: tuple[dict, dict | str] | None = None,
+            train_inputs: Callable[[], Iterable] | None = None) -> tuple[dict, dict]:
     """Score every trial on the validation sets; the best mean AUROC wins (ties: the earlier trial).
 
     ``known``: (params, outcome) already scored, reused for the trial with those params. Returns the
@@ -145,7 +152,8 @@ def _search(label: str, options: dict, trials: list[dict], model, train, outputs
             outcome = known[1]
         else:
             detector = build_detector(label, {**options, **params})
-            outcome = _try_validation(detector, model, train, outputs, sets, device, batch_size, precision)
+            outcome = _try_validation(detector, model, train, outputs, sets, device, batch_size, precision,
+                                      train_inputs)
         record = _auroc_record(outcome)
         by_set.append(record["by_set"])
         results.append({"params": params, "val_auroc": record["mean"],
@@ -160,11 +168,11 @@ def _search(label: str, options: dict, trials: list[dict], model, train, outputs
 
 
 def _try_validation(detector: Detector, model, train, outputs, sets, device, batch_size: int,
-                    precision: str) -> dict[str, float] | str:
+                    precision: str, train_inputs: Callable[[], Iterable] | None = None) -> dict[str, float] | str:
     """AUROC per validation set, or the first line of the error of values that do not fit this model
     (e.g. a ViM dim >= the feature size)."""
     try:
-        return _validation_aurocs(detector, model, train, outputs, sets, device, batch_size, precision)
+        return _validation_aurocs(detector, model, train, outputs, sets, device, batch_size, precision, train_inputs)
     except ValueError as exc:
         return str(exc).splitlines()[0]
 
@@ -181,9 +189,10 @@ def _mean(by_set: dict[str, float]) -> float:
 
 
 def _validation_aurocs(detector: Detector, model, train, outputs, sets, device, batch_size: int,
-                       precision: str = "32-true") -> dict[str, float]:
+                       precision: str = "32-true", train_inputs: Callable[[], Iterable] | None = None
+                       ) -> dict[str, float]:
     """AUROC of the ID validation set against each validation OOD set (NaN for all if a score is not finite)."""
-    detector._ready(train, model)
+    detector._ready(train, model, train_inputs)
     scores = {}
     for name in outputs:
         if detector.needs_inputs:

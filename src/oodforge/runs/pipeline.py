@@ -67,7 +67,9 @@ def evaluate_ood(model: torch.nn.Module, id_train: Data | None, id_test: Data, o
     evaluation = score_sets(model, spec, outputs, {n: (lambda lo=lo: lo) for n, lo in loaders.items()}, id_name,
                             groups, train_outputs, quiet=quiet, device=device,
                             timings={"outputs_s": time.perf_counter() - start}, precision=precision,
-                            layer_source=layer_source)
+                            layer_source=layer_source,
+                            train_inputs=None if id_train is None
+                            else lambda: as_loader(id_train, batch_size, num_workers))
     benchmark = Benchmark(name, id_name, groups, (0, 0, 0), (), ())
     return write_run(None if out is None else Path(out), benchmark, {"model": MethodRun.of(model, evaluation)})
 
