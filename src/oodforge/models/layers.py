@@ -2,7 +2,8 @@
 
 - timm models: the modules of ``feature_info`` (what ``forward_intermediates`` returns);
 - ResNet-like nets (torchvision ResNet/ResNeXt/Wide ResNet, oodforge's CIFAR ResNets): ``layer1``, ``layer2``, ...;
-- nets with a ``features`` trunk (VGG, DenseNet, MobileNet, EfficientNet, ConvNeXt, RegNet's ``trunk_output``):
+- nets with a ``features`` trunk (VGG, DenseNet, MobileNet, EfficientNet, ConvNeXt, RegNet's ``trunk_output``,
+  oodforge's small CNN's ``body``):
   the last module of the trunk at each spatial size, found by one probe pass on a small zero image;
 - torchvision ViT: every fourth encoder block and the last;
 - anything else: none (pass ``layers=`` to the model or to the detector).
@@ -29,7 +30,7 @@ def default_layers(net: nn.Module, in_channels: int = 3) -> list[str]:
     stages = [name for name, _ in net.named_children() if _STAGE.match(name)]
     if stages:
         return stages
-    for trunk_name in ("features", "trunk_output"):
+    for trunk_name in ("features", "trunk_output", "body"):
         trunk = getattr(net, trunk_name, None)
         if isinstance(trunk, nn.Sequential):
             return [f"{trunk_name}.{name}" for name in _resolution_ends(net, trunk, in_channels)]
