@@ -9,6 +9,7 @@ from oodforge.detectors import (  # noqa: F401  (imported to register)
     flow,
     gen,
     gradnorm,
+    grood,
     klm,
     knn,
     logits,
@@ -22,8 +23,10 @@ from oodforge.detectors import (  # noqa: F401  (imported to register)
     scale,
     semantic_energy,
     she,
+    ssd,
     temperature,
     vim,
+    vra,
 )
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs, NotFittedError, create_detector
 
