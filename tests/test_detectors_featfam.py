@@ -1,4 +1,4 @@
-"""VRA, SSD and GROOD against pytorch-ood or independent numpy references, and their behaviour."""
+"""VRA, SSD, GROOD, CARef and CADRef against pytorch-ood or independent numpy references, and their behaviour."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy.special import logsumexp
+from scipy.special import logsumexp, softmax
 from scipy.stats import multivariate_normal
 from sklearn.cluster import KMeans
 from sklearn.metrics import roc_auc_score
@@ -16,6 +16,7 @@ from oodforge.detectors import create_detector
 from oodforge.detectors.base import ModelOutputs, NotFittedError
 
 CLASSES, DIM = 5, 12
+NAMES = ["vra", "ssd", "grood", "caref", "cadref"]
 
 
 class TinyClassifier(nn.Module):
@@ -259,10 +260,90 @@ def test_grood_refuses_bad_samples_and_unlabelled_training_data(case):
         create_detector("grood").fit(ModelOutputs(train.logits, train.features), model)
 
 
+# ------------------------------------------------------------------------------------------- CARef, CADRef
+
+
+def predicted_means(train) -> np.ndarray:
+    x, logits = arrays(train)
+    predicted = logits.argmax(axis=1)
+    assert len(np.unique(predicted)) == CLASSES, "every class is predicted for some training sample"
+    return np.stack([x[predicted == c].mean(axis=0) for c in range(CLASSES)])
+
+
+def reference_caref(model, train, test) -> np.ndarray:
+    """The official CARef.py: L1 distance to the predicted class's mean (grouped by prediction) over ||h||_1."""
+    z, logits = arrays(test)
+    means = predicted_means(train)[logits.argmax(axis=1)]
+    return -np.abs(means - z).sum(axis=1) / np.abs(z).sum(axis=1)
+
+
+def logit_confidence(logits: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "energy":
+        return logsumexp(logits, axis=1)
+    if kind == "maxlogit":
+        return logits.max(axis=1)
+    p = softmax(logits, axis=1)
+    if kind == "msp":
+        return p.max(axis=1)
+    m = max(10, logits.shape[1] // 10)
+    top = np.sort(p, axis=1)[:, -m:]
+    return 1.0 / (top**0.1 * (1.0 - top) ** 0.1).sum(axis=1)
+
+
+def reference_cadref(model, train, test, logit_score="energy") -> np.ndarray:
+    """The official CADRef.py: errors along and against sign(w_p), over the own and the mean training score."""
+    z, logits = arrays(test)
+    predicted = logits.argmax(axis=1)
+    w, _ = head_arrays(model)
+    aligned = (z - predicted_means(train)[predicted]) * np.sign(w[predicted])
+    norm = np.abs(z).sum(axis=1)
+    positive, negative = np.maximum(aligned, 0).sum(axis=1) / norm, np.maximum(-aligned, 0).sum(axis=1) / norm
+    mean_score = logit_confidence(arrays(train)[1], logit_score).mean()
+    return -(positive / logit_confidence(logits, logit_score) + negative / mean_score)
+
+
+@pytest.mark.parametrize(("name", "kwargs", "reference"), [
+    ("caref", {}, reference_caref), ("cadref", {}, reference_cadref),
+    ("cadref", {"logit_score": "maxlogit"}, reference_cadref), ("cadref", {"logit_score": "msp"}, reference_cadref),
+    ("cadref", {"logit_score": "gen"}, reference_cadref)])
+def test_caref_and_cadref_match_numpy_reference(case, name, kwargs, reference):
+    model, train, test, ood = case
+    detector = create_detector(name, **kwargs).fit(train, model)
+    for outputs in (test, ood):
+        np.testing.assert_allclose(detector.score_outputs(outputs).numpy(), reference(model, train, outputs, **kwargs),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_cadref_splits_the_caref_error_by_the_weight_signs(case):
+    """With every logit score equal to the training mean, CADRef is CARef divided by that mean."""
+    model, train, test, _ = case
+    cadref = create_detector("cadref", logit_score="maxlogit").fit(train, model)
+    caref = create_detector("caref").fit(train, model)
+    mean = cadref.train_logit_score_.item()
+    flat = test.logits - test.logits.max(dim=1, keepdim=True).values + mean  # same argmax, max logit = mean
+    outputs = ModelOutputs(flat, test.features)
+    torch.testing.assert_close(cadref.score_outputs(outputs), caref.score_outputs(outputs) / mean)
+
+
+def test_caref_ranks_id_above_far_ood_and_unpredicted_classes_fall_back_to_labels(case):
+    model, train, test, ood = case
+    assert auroc(create_detector("caref"), model, train, test, ood) > 0.75
+    logits = train.logits.clone()
+    logits[:, 4] = -100.0  # class 4 is never predicted
+    with pytest.warns(UserWarning, match="1 of 5 classes are predicted for no training sample"):
+        detector = create_detector("caref").fit(ModelOutputs(logits, train.features, train.labels), model)
+    torch.testing.assert_close(detector.means_[4], train.features[train.labels == 4].double().mean(dim=0))
+
+
+def test_cadref_refuses_unknown_logit_score():
+    with pytest.raises(ValueError, match="cadref: logit_score must be one of energy, maxlogit, msp, gen"):
+        create_detector("cadref", logit_score="odin")
+
+
 # ---------------------------------------------------------------------------------------------------- all
 
 
-@pytest.mark.parametrize("name", ["vra", "ssd", "grood"])
+@pytest.mark.parametrize("name", NAMES)
 def test_unfitted_refused_then_float32_scores_one_per_row(case, name):
     model, train, test, _ = case
     detector = create_detector(name)
@@ -272,7 +353,7 @@ def test_unfitted_refused_then_float32_scores_one_per_row(case, name):
     assert scores.shape == (len(test),) and scores.dtype == torch.float32 and torch.isfinite(scores).all()
 
 
-@pytest.mark.parametrize("name", ["vra", "ssd", "grood"])
+@pytest.mark.parametrize("name", NAMES)
 def test_chunked_scores_equal_one_chunk(case, name):
     model, train, test, _ = case
     chunked = create_detector(name, chunk_rows=7).fit(train, model).score_outputs(test)

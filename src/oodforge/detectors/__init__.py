@@ -2,6 +2,7 @@
 
 from oodforge.detectors import (  # noqa: F401  (imported to register)
     ash,
+    cadref,
     cosine,
     dice,
     entropy,
