@@ -1,4 +1,5 @@
-"""VRA, SSD, GROOD, CARef and CADRef against pytorch-ood or independent numpy references, and their behaviour."""
+"""VRA, SSD, GROOD, CARef, CADRef and WeiPer against pytorch-ood or independent numpy references, and their
+behaviour."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from oodforge.detectors import create_detector
 from oodforge.detectors.base import ModelOutputs, NotFittedError
 
 CLASSES, DIM = 5, 12
-NAMES = ["vra", "ssd", "grood", "caref", "cadref"]
+NAMES = ["vra", "ssd", "grood", "caref", "cadref", "weiper"]
 
 
 class TinyClassifier(nn.Module):
@@ -338,6 +339,82 @@ def test_caref_ranks_id_above_far_ood_and_unpredicted_classes_fall_back_to_label
 def test_cadref_refuses_unknown_logit_score():
     with pytest.raises(ValueError, match="cadref: logit_score must be one of energy, maxlogit, msp, gen"):
         create_detector("cadref", logit_score="odin")
+
+
+# -------------------------------------------------------------------------------------------------- WeiPer
+
+
+def reference_weiper(train, test, perturbed_weight, perturbed_bias, repeats=100, bins=100, smoothing=20,
+                     smoothing_perturbed=20, lambda_1=1.0, lambda_2=1.0, **_) -> np.ndarray:
+    """WeiPer+KLD as the authors' code computes it: per-sample histograms by explicit half-open bin tests,
+    edge-replicated moving average of the sample's histogram, symmetric KL to the training mean, mean MSP over
+    the perturbed heads."""
+    x, z = arrays(train)[0], arrays(test)[0]
+    spaces = [(x, z), (x @ perturbed_weight.T + perturbed_bias, z @ perturbed_weight.T + perturbed_bias)]
+
+    def histograms(values, low, high):
+        edges = np.linspace(low, high + 1e-8, bins + 1)
+        return ((values[:, :, None] >= edges[None, None, :-1]) & (values[:, :, None] < edges[None, None, 1:])).mean(1)
+
+    def divergence(p, q, size, eps):
+        left = (size - 1) // 2
+        padded = np.pad(q, ((0, 0), (left, size - 1 - left)), mode="edge")
+        q = np.stack([padded[:, j:j + size].mean(axis=1) for j in range(bins)], axis=1) + eps
+        p = (p + eps)[None]
+        p, q = p / p.sum(axis=1, keepdims=True), q / q.sum(axis=1, keepdims=True)
+        return (p * np.log(p / q)).sum(axis=1) + (q * np.log(q / p)).sum(axis=1)
+
+    terms = []
+    settings = zip(spaces, (smoothing, smoothing_perturbed), (0.01, 0.025), strict=True)
+    for (train_values, test_values), size, eps in settings:
+        low, high = train_values.min(), train_values.max()
+        mean_density = histograms(train_values, low, high).mean(axis=0)
+        terms.append(divergence(mean_density, histograms(test_values, low, high), size, eps))
+    logits = spaces[1][1].reshape(len(z), repeats, -1)
+    msp = softmax(logits, axis=2).max(axis=2).mean(axis=1)
+    return -(terms[0] + lambda_1 * terms[1] - lambda_2 * msp)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"repeats": 7, "bins": 30, "smoothing": 4, "smoothing_perturbed": 9,
+                                         "lambda_1": 2.5, "lambda_2": 0.1, "delta": 1.0}])
+def test_weiper_matches_numpy_reference(case, kwargs):
+    model, train, test, ood = case
+    detector = create_detector("weiper", **kwargs).fit(train, model)
+    weight, bias = (t.numpy() for t in detector.perturbed_head())
+    for outputs in (test, ood):
+        np.testing.assert_allclose(detector.score_outputs(outputs).numpy(),
+                                   reference_weiper(train, outputs, weight, bias, **kwargs), rtol=1e-5, atol=1e-5)
+
+
+def test_weiper_perturbs_each_class_weight_by_delta_times_its_norm(case):
+    model, train, _, _ = case
+    detector = create_detector("weiper", delta=1.5, repeats=6).fit(train, model)
+    weight, bias = head_arrays(model)
+    perturbed, perturbed_bias = (t.numpy() for t in detector.perturbed_head())
+    shifts = perturbed.reshape(6, CLASSES, DIM) - weight[None]
+    np.testing.assert_allclose(np.linalg.norm(shifts, axis=2), 1.5 * np.linalg.norm(weight, axis=1)[None].repeat(6, 0))
+    np.testing.assert_allclose(perturbed_bias, np.tile(bias, 6))
+    directions = shifts / np.linalg.norm(shifts, axis=2, keepdims=True)
+    assert np.abs(np.einsum("rcd,scd->rsc", directions, directions)[~np.eye(6, dtype=bool)]).max() < 0.99
+    again = create_detector("weiper", delta=1.5, repeats=6).fit(train, model).perturbed_head()[0].numpy()
+    other = create_detector("weiper", delta=1.5, repeats=6, seed=1).fit(train, model).perturbed_head()[0].numpy()
+    assert np.array_equal(again, perturbed) and not np.allclose(other, perturbed)
+
+
+def test_weiper_flags_rescaled_features_that_energy_misses(case):
+    """Shrunken or over-activated features change the shape of the activation histograms: WeiPer ranks ID
+    above both; energy prefers the over-activated ones to ID."""
+    model, train, test, _ = case
+    with torch.no_grad():
+        rescaled = {s: ModelOutputs(model.head(s * test.features), s * test.features) for s in (0.25, 3.0)}
+    assert auroc(create_detector("weiper"), model, train, test, rescaled[0.25]) > 0.9
+    weiper = auroc(create_detector("weiper"), model, train, test, rescaled[3.0])
+    assert weiper > 0.5 and weiper > auroc(create_detector("energy"), model, train, test, rescaled[3.0]) + 0.3
+
+
+def test_weiper_refuses_smoothing_wider_than_the_histogram():
+    with pytest.raises(ValueError, match=r"weiper: smoothing_perturbed must be in \[1, bins=10\]"):
+        create_detector("weiper", bins=10, smoothing=5, smoothing_perturbed=11)
 
 
 # ---------------------------------------------------------------------------------------------------- all

@@ -28,6 +28,7 @@ from oodforge.detectors import (  # noqa: F401  (imported to register)
     temperature,
     vim,
     vra,
+    weiper,
 )
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs, NotFittedError, create_detector
 
