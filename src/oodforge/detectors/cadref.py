@@ -25,8 +25,8 @@ class CARef(Detector):
     p = argmax f(x) is the predicted class and mu_p the mean feature of the training samples the model
     predicts as p (grouped by prediction, not by label, as in the official code). A class that no training
     sample is predicted as falls back to the mean of the training samples labelled with it, or, without
-    those, to the mean of all training features (with a warning). Source: Ling, Zhang, Li, Yang, Ling &
-    Zheng, "CADRef: Robust Out-of-Distribution Detection via Class-Aware Decoupled Relative Feature
+    those, to the mean of all training features (with a warning). Source: Ling et al.,
+    "CADRef: Robust Out-of-Distribution Detection via Class-Aware Decoupled Relative Feature
     Leveraging" (CVPR 2025, arXiv:2503.00325) and the official code github.com/LingAndZero/CADRef
     (``ood_methods/CARef.py``, ``utils/get_stat.py``). Runs in float64; training features are read
     ``chunk_rows`` rows at a time.

@@ -30,7 +30,7 @@ class GROOD(Detector):
     the class: the fraction of class-c data a threshold at t would reject, a calibrated score in [0, 1].
     F_c is estimated from ``samples`` scrambled Sobol draws of N(m_c, S_c) (seeded), linearly interpolated
     between them; below the smallest draw s_1 the score is (1 / samples) / (1 + s_1 - log r_c), which keeps
-    the order of the likelihood ratio. Source: Vojir, Sochman, Aljundi & Matas, "Calibrated
+    the order of the likelihood ratio. Source: Vojir et al., "Calibrated
     Out-of-Distribution Detection with a Generic Representation" (arXiv:2303.13148) and the official code
     github.com/vojirt/GROOD (``eval/utils.py``, ``eval_test_data_linprobeNMNquadCalib``). Differences: the
     paper fits a logistic-regression probe on a generic (CLIP) representation, here the classifier's own

@@ -26,7 +26,7 @@ class SSD(Detector):
     transformed are split into ``k`` clusters by k-means (scikit-learn ``KMeans``, ``n_init=10``,
     ``random_state=seed``; ``k = 1`` is a single Gaussian); mu_m and S_m are the mean and covariance (divided
     by the cluster size) of cluster m, S_m^+ its pseudo-inverse (eigen-directions below D * float64 eps
-    times the largest eigenvalue dropped). Source: Sehwag, Chiang & Mittal, "SSD: A Unified Framework for
+    times the largest eigenvalue dropped). Source: Sehwag et al., "SSD: A Unified Framework for
     Self-Supervised Outlier Detection" (ICLR 2021, arXiv:2103.12051) and the official code
     github.com/inspire-group/SSD (``eval_ssd.py``: normalization, standardization, per-cluster ``np.cov(bias=
     True)`` and ``np.linalg.pinv``, minimum over clusters). There, the clusters come from faiss k-means

@@ -26,7 +26,7 @@ class VRA(Detector):
     With ``per_dimension=True`` (default) every feature dimension gets its own a and b, from its own column
     of training features, as in the authors' code for CIFAR (``torch.quantile(feat, q, dim=0)``, q1 = 0.6,
     q2 = 0.9 for CIFAR-10: the defaults here); ``per_dimension=False`` takes one a and one b over all training
-    activations, as OpenOOD v1.5 (``vra_postprocessor.py``) and ReAct do. Source: Xu, Lian, Liu & Tao,
+    activations, as OpenOOD v1.5 (``vra_postprocessor.py``) and ReAct do. Source: Xu et al.,
     "VRA: Variational Rectified Activation for Out-of-distribution Detection" (NeurIPS 2023,
     arXiv:2302.11716) and the official code github.com/zeroQiaoba/VRA (``quick_ood.py``: activations below a
     set to 0, above b set to b). OpenOOD v1.5 and pytorch-ood (``pytorch_ood.detector.VRA``) instead clamp

@@ -30,13 +30,13 @@ class WeiPer(Detector):
     symmetric divergence KL(p || q) + KL(q || p) between the mean training histogram p and the sample's
     histogram q smoothed by a moving average over ``smoothing`` bins (``smoothing_perturbed`` for the
     perturbed logits; edges replicated), after adding 0.01 (0.025) to every bin and normalizing both.
-    MSP~ is the maximum softmax probability averaged over the r perturbed heads. Source: Granz, Heurich &
-    Landgraf, "WeiPer: OOD Detection using Weight Perturbations of Class Projections" (NeurIPS 2024,
+    MSP~ is the maximum softmax probability averaged over the r perturbed heads. Source: Granz et al.,
+    "WeiPer: OOD Detection using Weight Perturbations of Class Projections" (NeurIPS 2024,
     arXiv:2405.17164) and the authors' OpenOOD integration (github.com/mgranz/weiper_icml,
     ``weiper_kldiv_postprocessor.py`` and ``weiper_kldiv/utils.py``: ``calculate_weiper_space``,
     ``batch_histogram``, ``kldiv``, ``UniformKernel``; the defaults here are that code's defaults, with the
-    exact training minima and maxima). The perturbations are drawn once at ``fit`` (the authors' code
-    draws fresh ones when scoring) and regenerated from ``seed`` when a saved detector is loaded. Needs
+    exact training minima and maxima). The perturbations are drawn once at ``fit`` (that code's postprocessor
+    can draw fresh ones for each test batch) and regenerated from ``seed`` when a saved detector is loaded. Needs
     ``fit(train, model)`` with a linear head; runs in float64, ``chunk_rows`` rows at a time (default:
     256 MiB of float64 perturbed logits per chunk).
     """
