@@ -2,6 +2,7 @@
 
 from oodforge.detectors import (  # noqa: F401  (imported to register)
     ash,
+    cadref,
     cosine,
     dice,
     entropy,
@@ -10,6 +11,7 @@ from oodforge.detectors import (  # noqa: F401  (imported to register)
     gen,
     gradnorm,
     gram,
+    grood,
     klm,
     knn,
     logits,
@@ -25,8 +27,11 @@ from oodforge.detectors import (  # noqa: F401  (imported to register)
     scale,
     semantic_energy,
     she,
+    ssd,
     temperature,
     vim,
+    vra,
+    weiper,
 )
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs, NotFittedError, create_detector
 
