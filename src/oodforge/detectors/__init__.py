@@ -8,13 +8,18 @@ from oodforge.detectors import (  # noqa: F401  (imported to register)
     fdbd,
     flow,
     gen,
+    gmm,
     gradnorm,
     klm,
     knn,
     logits,
+    lts,
     mahalanobis,
     nci,
+    neco,
     nnguide,
+    openmax,
+    pnml,
     react,
     relation,
     residual,
@@ -24,6 +29,7 @@ from oodforge.detectors import (  # noqa: F401  (imported to register)
     she,
     temperature,
     vim,
+    weighted_ebo,
 )
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs, NotFittedError, create_detector
 
