@@ -30,6 +30,7 @@ class GMM(Detector):
     ``detector/gmm.py``); OpenOOD's ``gmm`` fits one tied-covariance mixture to all features instead.
     """
 
+    paper: ClassVar[str] = "no single paper: the class-conditional Gaussian baseline, as pytorch-ood's GMM"
     needs_fit = True
     requires: ClassVar[tuple[str, ...]] = ("features", "train")
     search_space: ClassVar[dict[str, list]] = {"n_components": [1, 2, 3, 5], "reg": [1e-6, 1e-4, 1e-2]}

@@ -22,11 +22,12 @@ class NECO(Detector):
     the largest eigenvalues, i.e. scikit-learn's PCA). ``dim`` defaults to min(100, D // 2) (100 is the
     official code's value) and must satisfy 1 <= dim < D. The official code multiplies by the max logit for
     convolutional networks (ResNet, DenseNet) and not for vision transformers: ``maxlogit=False`` gives
-    that variant. Source: Ben Ammar, Belkhir, Popescu, Manzanera & Franchi, "NECO: NEural Collapse Based
+    that variant. Source: Ben Ammar et al., "NECO: NEural Collapse Based
     Out-of-distribution detection" (ICLR 2024, arXiv:2310.06823, eq. 6). The fit runs in float64 and
     reads the training features ``chunk_rows`` rows at a time.
     """
 
+    paper: ClassVar[str] = 'Ben Ammar et al., "NECO: NEural Collapse Based Out-of-distribution detection" (ICLR 2024)'
     needs_fit = True
     requires: ClassVar[tuple[str, ...]] = ("logits", "features", "train")
     search_space: ClassVar[dict[str, list]] = {"dim": [10, 25, 50, 100, 200]}  # dim < D are tried

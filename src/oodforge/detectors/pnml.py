@@ -22,8 +22,8 @@ class PNML(Detector):
     (one row each); p = softmax(W x + b), the classifier's linear head applied to the normalized feature.
     Gamma is 0 for a feature the training set spans well and grows to 1 as g -> 1; higher score = more ID.
     Each term is evaluated as 1 / (1 + (1 - p_c) p_c^(g - 1)) in log space, so no probability is clipped
-    (pytorch-ood clamps p to [1e-12, 1 - 1e-12]; the official code does neither). Source: Bibas, Feder &
-    Hassner, "Single Layer Predictive Normalized Maximum Likelihood for Out-of-Distribution Detection"
+    (pytorch-ood clamps p to [1e-12, 1 - 1e-12]; the official code does neither). Source: Bibas et al.,
+    "Single Layer Predictive Normalized Maximum Likelihood for Out-of-Distribution Detection"
     (NeurIPS 2021, arXiv:2110.09246; code github.com/kobybibas/pnml_ood_detection, which scores 1 - Gamma,
     the same ranking). Needs ``fit(train, model)`` with a linear head; the fit runs in float64 and reads the
     training features ``chunk_rows`` rows at a time.

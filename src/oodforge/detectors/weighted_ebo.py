@@ -30,8 +30,11 @@ class WeightedEBO(Detector):
     logits come from the linear head. v (initialized to 1, i.e. plain energy) and a logistic regression
     sigma(a s + b) on the score s are then fitted by L-BFGS (``steps`` iterations, float64) to the
     class-balanced binary cross-entropy of up to 100000 training rows (ID) against the virtual outliers.
+    The slope a is kept positive (a = exp(alpha); VOS leaves it free, its trained network giving outliers
+    lower energy): on a frozen network whose virtual outliers have the higher energy, the fit then stays
+    near plain energy rather than turning the score's direction around.
     pytorch-ood's ``WeightedEBO`` scores with given weights (its outlier score is the negative of this);
-    with the fitted weights the scores are equal. Source: Du, Wang, Cai & Li, "VOS: Learning What You Don't
+    with the fitted weights the scores are equal. Source: Du et al., "VOS: Learning What You Don't
     Know by Virtual Outlier Synthesis" (ICLR 2022, arXiv:2202.01197, eq. 5-7; code
     github.com/deeplearning-wisc/vos). Needs labelled training outputs and ``fit(train, model)`` with a
     linear head.
