@@ -200,3 +200,15 @@ def test_bad_layer_names_are_one_error(setting) -> None:
         create_detector("gram").layer_keys(oodforge.wrap_model(small_net()))
     with pytest.raises(ConfigError, match="rankfeat: layer"):
         create_detector("rankfeat", layer="1+3")
+
+
+def test_reductions_run_in_float32_under_bf16_autocast(setting) -> None:
+    model, *_ = setting
+    x = images(8, seed=5)[0]
+    with torch.no_grad():
+        _, _, plain = forward_outputs(model, x, ["3@rankfeat"])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, _, mixed = forward_outputs(model, x, ["3@rankfeat"])
+    assert mixed["3@rankfeat"].dtype == torch.float32
+    # the maps themselves come out of bf16 convolutions; the power iteration on them must not lose more
+    torch.testing.assert_close(mixed["3@rankfeat"], plain["3@rankfeat"], rtol=0.05, atol=0.05)

@@ -153,8 +153,9 @@ def layer_outputs(model: nn.Module, x: Tensor, keys: Sequence[str],
         def hook(_module: nn.Module, _args: tuple, output: object) -> None:
             maps = output[0] if isinstance(output, tuple | list) else output
             calls[layer] = calls.get(layer, 0) + 1
-            for key, reduce in by_layer[layer]:
-                values[key] = reduce(maps)
+            with torch.autocast(maps.device.type, enabled=False):  # reductions in float32/64 under bf16 passes
+                for key, reduce in by_layer[layer]:
+                    values[key] = reduce(maps.float())
         return hook
 
     handles = [find_layer(model, layer).register_forward_hook(hook_for(layer)) for layer in by_layer]
