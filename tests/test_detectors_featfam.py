@@ -1,4 +1,4 @@
-"""VRA, SSD, GROOD, CARef, CADRef and WeiPer against pytorch-ood or independent numpy references, and their
+"""VRA, SSD, GROOD-generic, CARef, CADRef and WeiPer against pytorch-ood or independent numpy references, and their
 behaviour."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from oodforge.detectors import create_detector
 from oodforge.detectors.base import ModelOutputs, NotFittedError
 
 CLASSES, DIM = 5, 12
-NAMES = ["vra", "ssd", "grood", "caref", "cadref", "weiper"]
+NAMES = ["vra", "ssd", "grood_generic", "caref", "cadref", "weiper"]
 
 
 class TinyClassifier(nn.Module):
@@ -189,10 +189,10 @@ def test_ssd_refuses_bad_k(case):
         create_detector("ssd", k=500).fit(train, model)
 
 
-# --------------------------------------------------------------------------------------------------- GROOD
+# ------------------------------------------------------------------------------------------- GROOD-generic
 
 
-def reference_grood(train, test, draws=400_000, seed=0) -> np.ndarray:
+def reference_grood_generic(train, test, draws=400_000, seed=0) -> np.ndarray:
     """The paper's statistic with scipy Gaussians; F_c by plain Monte Carlo: the fraction of draws of the
     class Gaussian whose likelihood ratio is at most the sample's."""
     x, logits = arrays(train)
@@ -222,43 +222,43 @@ def _log_ratio(gaussian, ood, points: np.ndarray) -> np.ndarray:
     return gaussian.logpdf(points) - ood.logpdf(points)
 
 
-def test_grood_matches_monte_carlo_reference(case):
+def test_grood_generic_matches_monte_carlo_reference(case):
     model, train, test, ood = case
-    detector = create_detector("grood").fit(train, model)
+    detector = create_detector("grood_generic").fit(train, model)
     for outputs in (test, ood):
-        np.testing.assert_allclose(detector.score_outputs(outputs).numpy(), reference_grood(train, outputs),
-                                   atol=0.01)
+        np.testing.assert_allclose(detector.score_outputs(outputs).numpy(),
+                                   reference_grood_generic(train, outputs), atol=0.01)
 
 
-def test_grood_is_calibrated_on_its_own_gaussian(case):
+def test_grood_generic_is_calibrated_on_its_own_gaussian(case):
     """Samples drawn from a class's Gaussian in the (logit, similarity) plane get F_c uniform on [0, 1]."""
     model, train, _, _ = case
-    detector = create_detector("grood").fit(train, model)
+    detector = create_detector("grood_generic").fit(train, model)
     rng = np.random.default_rng(1)
     mean, precision = detector.gauss_means_[0].numpy(), detector.gauss_precisions_[0].numpy()
     points = torch.from_numpy(rng.multivariate_normal(mean, np.linalg.inv(precision), size=4000))
     log_ratio = detector._log_ratio(points[:, None, :].expand(-1, len(detector.classes_), -1))[:, 0]
-    from oodforge.detectors.grood import _interpolated_cdf
+    from oodforge.detectors.grood_generic import _interpolated_cdf
 
     values = _interpolated_cdf(detector.knots_[:1], log_ratio[None])[0].numpy()
     np.testing.assert_allclose(np.quantile(values, [0.1, 0.25, 0.5, 0.75, 0.9]), [0.1, 0.25, 0.5, 0.75, 0.9],
                                atol=0.03)
 
 
-def test_grood_scores_lie_in_unit_interval_and_rank_id_above_far_ood(case):
+def test_grood_generic_scores_lie_in_unit_interval_and_rank_id_above_far_ood(case):
     model, train, test, ood = case
-    detector = create_detector("grood").fit(train, model)
+    detector = create_detector("grood_generic").fit(train, model)
     scores = torch.cat([detector.score_outputs(test), detector.score_outputs(ood)])
     assert scores.dtype == torch.float32 and ((scores >= 0) & (scores <= 1)).all()
-    assert auroc(create_detector("grood"), model, train, test, ood) > 0.9
+    assert auroc(create_detector("grood_generic"), model, train, test, ood) > 0.9
 
 
-def test_grood_refuses_bad_samples_and_unlabelled_training_data(case):
+def test_grood_generic_refuses_bad_samples_and_unlabelled_training_data(case):
     model, train, _, _ = case
-    with pytest.raises(ValueError, match="grood: samples must be an integer >= 2"):
-        create_detector("grood", samples=1)
-    with pytest.raises(ValueError, match="grood needs labelled training outputs"):
-        create_detector("grood").fit(ModelOutputs(train.logits, train.features), model)
+    with pytest.raises(ValueError, match="grood_generic: samples must be an integer >= 2"):
+        create_detector("grood_generic", samples=1)
+    with pytest.raises(ValueError, match="grood_generic needs labelled training outputs"):
+        create_detector("grood_generic").fit(ModelOutputs(train.logits, train.features), model)
 
 
 # ------------------------------------------------------------------------------------------- CARef, CADRef

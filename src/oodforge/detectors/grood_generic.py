@@ -1,5 +1,5 @@
-"""GROOD (Vojir et al. 2023): per-class Neyman-Pearson likelihood ratio in a 2-D (logit, prototype similarity)
-space, calibrated to the probability of ID acceptance."""
+"""GROOD with a generic representation (Vojir et al. 2023): per-class Neyman-Pearson likelihood ratio in a 2-D
+(logit, prototype similarity) space, calibrated to the probability of ID acceptance."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from oodforge.util.errors import ConfigError
 QUANTILE, LOGIT_DIVISOR, SIMILARITY_DIVISOR = 0.9, 4.0, 8.0  # the generic OOD Gaussian of the official code
 
 
-@DETECTORS.register("grood")
-class GROOD(Detector):
+@DETECTORS.register("grood_generic")
+class GROODGeneric(Detector):
     """Score = max_c F_c(log r_c(x_c)), the calibrated Neyman-Pearson statistic of the best class.
 
     For class c, a sample lives in the 2-D space x_c = (f_c, 1 / (1 + ||h - mu_c||)): its logit for c
@@ -35,8 +35,8 @@ class GROOD(Detector):
     github.com/vojirt/GROOD (``eval/utils.py``, ``eval_test_data_linprobeNMNquadCalib``). Differences: the
     paper fits a logistic-regression probe on a generic (CLIP) representation, here the classifier's own
     logits serve as the linear probe; the official code estimates S_0 from 10,000 random draws and F_c on
-    a 2000 x 2000 grid, here S_0 is the exact diagonal and F_c comes from quasi-random draws. (OpenOOD's
-    ``grood`` postprocessor is a different method, the gradient-based GROOD of ElAraby et al.) The fit
+    a 2000 x 2000 grid, here S_0 is the exact diagonal and F_c comes from quasi-random draws. (``grood``, like
+    OpenOOD's ``grood`` postprocessor, is a different method: the gradient-aware GROOD of ElAraby et al.) The fit
     needs labelled training outputs, each class with at least three samples, and runs in float64.
     """
 
@@ -51,26 +51,26 @@ class GROOD(Detector):
 
     def _check(self) -> None:
         if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 2:
-            raise ConfigError(f"grood: samples must be an integer >= 2, got {self.samples!r}")
+            raise ConfigError(f"grood_generic: samples must be an integer >= 2, got {self.samples!r}")
         if not self.chunk_rows >= 1:
-            raise ConfigError(f"grood: chunk_rows must be >= 1, got {self.chunk_rows}")
+            raise ConfigError(f"grood_generic: chunk_rows must be >= 1, got {self.chunk_rows}")
 
     def _fit(self, train: ModelOutputs) -> None:
         self._check()
         features, logits = train.features.detach(), train.logits.detach()
         if train.labels is None:
-            raise ConfigError("grood needs labelled training outputs (train.labels is None)")
+            raise ConfigError("grood_generic needs labelled training outputs (train.labels is None)")
         labels = train.labels.detach().to(features.device)
         if features.ndim != 2 or len(features) == 0 or logits.shape[0] != len(features) or \
                 labels.shape != (len(features),):
-            raise ConfigError(f"grood: train features (N, D), logits (N, C) and labels (N,) must match, got "
+            raise ConfigError(f"grood_generic: train features (N, D), logits (N, C) and labels (N,) must match, got "
                               f"{tuple(features.shape)}, {tuple(logits.shape)} and {tuple(labels.shape)}")
         self.classes_, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
         if self.classes_.min() < 0 or self.classes_.max() >= logits.shape[1]:
-            raise ConfigError(f"grood: training labels must index the {logits.shape[1]} logits, got labels "
+            raise ConfigError(f"grood_generic: training labels must index the {logits.shape[1]} logits, got labels "
                               f"{self.classes_.min().item()}..{self.classes_.max().item()}")
         if counts.min() < 3:
-            raise ConfigError(f"grood: class {self.classes_[counts.argmin()].item()} has {counts.min().item()} "
+            raise ConfigError(f"grood_generic: class {self.classes_[counts.argmin()].item()} has {counts.min().item()} "
                               "training sample(s); each class needs at least 3")
         sums = torch.zeros(len(self.classes_), features.shape[1], dtype=torch.float64, device=features.device)
         self.prototypes_ = sums.index_add_(0, inverse, features.to(torch.float64)) / counts[:, None]
@@ -100,13 +100,14 @@ class GROOD(Detector):
             covariances.append(centred.T @ centred / (len(members) - 1))
         self.gauss_means_, covariances = torch.stack(means), torch.stack(covariances)
         if not (torch.linalg.eigvalsh(covariances)[:, 0] > 0).all():
-            raise ConfigError("grood: a class's (logit, similarity) samples lie on a line (singular covariance)")
+            raise ConfigError("grood_generic: a class's (logit, similarity) samples lie on a line "
+                              "(singular covariance)")
         self.gauss_precisions_ = torch.linalg.inv(covariances)
         self.gauss_logdets_ = torch.logdet(covariances)
         scales = torch.stack([_quantile(points[..., 0], QUANTILE) / LOGIT_DIVISOR,
                               _quantile(points[..., 1], QUANTILE) / SIMILARITY_DIVISOR])
         if not (scales > 0).all():
-            raise ConfigError(f"grood: the 90th percentile of the training logits must be > 0 to scale the OOD "
+            raise ConfigError(f"grood_generic: the 90th percentile of the training logits must be > 0 to scale the OOD "
                               f"Gaussian, got {(scales[0] * LOGIT_DIVISOR).item():.4g}")
         self.ood_precision_ = scales.pow(-2)
         self.ood_logdet_ = 2.0 * scales.log().sum()
@@ -132,10 +133,10 @@ class GROOD(Detector):
         features, logits = outputs.features.detach(), outputs.logits.detach()
         dim = self.prototypes_.shape[1]
         if features.ndim != 2 or features.shape[1] != dim or logits.ndim != 2 or logits.shape[0] != features.shape[0]:
-            raise ConfigError(f"grood: features must be (N, {dim}) with logits (N, C), got {tuple(features.shape)} "
-                              f"and {tuple(logits.shape)}")
+            raise ConfigError(f"grood_generic: features must be (N, {dim}) with logits (N, C), got "
+                              f"{tuple(features.shape)} and {tuple(logits.shape)}")
         if logits.shape[1] <= int(self.classes_.max()):
-            raise ConfigError(f"grood: logits have {logits.shape[1]} classes, the fit saw class "
+            raise ConfigError(f"grood_generic: logits have {logits.shape[1]} classes, the fit saw class "
                               f"{int(self.classes_.max())}")
         log_ratio = self._log_ratio(self._plane(features, logits))  # (N, K)
         return _interpolated_cdf(self.knots_.to(log_ratio.device), log_ratio.T).max(dim=0).values.float()
