@@ -27,8 +27,9 @@ nnguide      the bank is every row it is fitted on       a seeded bank_fraction 
                                                          training rows (1%, as the paper)      oodforge's bank rows
 
 Percentiles are fractions in pytorch-ood (0.9) and percents in oodforge (90). Not in pytorch-ood: cosine, flow,
-relation, representation, residual, semantic_energy, ssd, grood_generic, caref, cadref, weiper, neco (vra, openmax,
-gmm, lts, pnml, weighted_ebo and the multi-layer detectors are cross-checked in the test modules of their families).
+relation, representation, residual, semantic_energy, ssd, grood, grood_generic, caref, cadref, weiper, neco (vra,
+openmax, gmm, lts, pnml, weighted_ebo and the multi-layer detectors are cross-checked in the test modules of their
+families).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ PAIRS = {"msp": "MaxSoftmax", "maxlogit": "MaxLogit", "energy": "EnergyBased", "
          "rmds": "RMD", "knn": "KNN", "vim": "ViM", "react": "ReAct", "ash": "ASH", "scale": "SCALE", "dice": "DICE",
          "she": "SHE", "gradnorm": "GradNorm", "nci": "NCI", "fdbd": "fDBD", "nnguide": "NNGuide"}
 NOT_IN_PYTORCH_OOD = {"cosine", "flow", "relation", "representation", "residual", "semantic_energy", "ssd",
-                      "grood_generic", "caref", "cadref", "weiper", "neco"}
+                      "grood", "grood_generic", "caref", "cadref", "weiper", "neco"}
 # shared with pytorch-ood, cross-checked in the test module of their family
 CHECKED_ELSEWHERE = {"multi_mahalanobis": "test_layer_detectors", "gram": "test_layer_detectors",
                      "rankfeat": "test_layer_detectors", "vra": "test_detectors_featfam",

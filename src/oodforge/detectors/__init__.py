@@ -12,6 +12,7 @@ from oodforge.detectors import (  # noqa: F401  (imported to register)
     gmm,
     gradnorm,
     gram,
+    grood,
     grood_generic,
     klm,
     knn,
