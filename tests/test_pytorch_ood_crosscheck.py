@@ -51,7 +51,7 @@ PAIRS = {"msp": "MaxSoftmax", "maxlogit": "MaxLogit", "energy": "EnergyBased", "
 NOT_IN_PYTORCH_OOD = {"cosine", "flow", "relation", "representation", "residual", "semantic_energy"}
 # shared with pytorch-ood, cross-checked in the test module of their family
 CHECKED_ELSEWHERE = {"multi_mahalanobis": "test_layer_detectors", "gram": "test_layer_detectors",
-                     "rankfeat": "test_layer_detectors"}
+                     "rankfeat": "test_layer_detectors", "nac": "test_detectors_layerfam2"}
 CLASSES, INPUTS, WIDTH, N_TRAIN = 5, 12, 16, 300
 
 

@@ -15,6 +15,7 @@ from oodforge.detectors import (  # noqa: F401  (imported to register)
     logits,
     mahalanobis,
     multi_mahalanobis,
+    nac,
     nci,
     nnguide,
     rankfeat,
