@@ -1,4 +1,5 @@
-"""NAC-UE against pytorch-ood 0.4.0 and against a reference written from the paper, on a tiny trained conv net."""
+"""NAC-UE and the Mahalanobis feature ensemble (mds_ensemble): against pytorch-ood 0.4.0 where it has the method
+and against references written from the papers, on a tiny trained conv net."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import pytorch_ood.detector as P
 import pytorch_ood.detector.nac as pytorch_ood_nac
 import torch
+from sklearn.linear_model import LogisticRegressionCV
 from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -146,3 +148,65 @@ def test_nac_parameters_are_checked_when_built(model) -> None:
         create_detector("nac", bins="many")
     with pytest.raises(ConfigError, match="fits on the training inputs"):
         create_detector("nac").fit(extract_outputs(model, images(20)[0], quiet=True), model)
+
+
+# -------------------------------------------------------------------------------------------------- mds_ensemble
+def fgsm_reference(net: nn.Module, x: Tensor, y: Tensor, eps: float) -> Tensor:
+    """The paper's FGSM adversarial images: x + eps * sign(grad_x CE), clipped to the pixel range."""
+    x = x.clone().requires_grad_(True)
+    nn.functional.cross_entropy(net(x), y).backward()
+    return (x.detach() + eps * x.grad.sign()).clamp(0, 1)
+
+
+@pytest.fixture(scope="module")
+def mds_setting(model):
+    x_train, y_train = images(400)
+    keys = ["1@mean", "3@mean"]
+    train = extract_outputs(model, TensorDataset(x_train, y_train), quiet=True, layers=keys)
+    net = model.net
+    references = []
+    for key, cut in zip(keys, (2, 4), strict=True):
+        reference = P.MahalanobisODIN(lambda x, cut=cut: net[:cut](x).mean(dim=(2, 3)), eps=0.002)
+        references.append(reference.fit_features(train.layers[key], y_train))
+    detector = create_detector("mds_ensemble", layers="1+3", epsilon=0.002, regression_images=120, seed=1)
+    detector.fit(loader(x_train, y_train), model)
+    return x_train, y_train, references, detector
+
+
+def reference_layer_scores(references, x: Tensor, n_train: int) -> Tensor:
+    """M_l of each layer from pytorch-ood's MahalanobisODIN, which scores half the squared distance with an
+    unnormalised covariance (so ours is -2N times its score)."""
+    return torch.stack([-2 * n_train * r.predict(x).double() for r in references], dim=1)
+
+
+def test_mds_ensemble_layer_scores_equal_pytorch_ood_mahalanobis_odin(model, mds_setting) -> None:
+    x_train, _, references, detector = mds_setting
+    x = torch.cat([images(40, seed=6)[0], noise(40)])
+    torch.testing.assert_close(detector.layer_scores(model, x), reference_layer_scores(references, x, len(x_train)),
+                               rtol=1e-3, atol=1e-3)
+
+
+def test_mds_ensemble_regression_matches_the_paper(model, mds_setting) -> None:
+    """The regression of the paper's OOD-free variant: ID images (1) against their FGSM images (0), fitted by
+    LogisticRegressionCV on standardized per-layer scores; the score is the regression's log-odds."""
+    x_train, y_train, references, detector = mds_setting
+    rows = torch.randperm(400, generator=torch.Generator().manual_seed(1))[:120].sort().values
+    x_fit, y_fit = x_train[rows], y_train[rows]
+    clean = reference_layer_scores(references, x_fit, 400).numpy()
+    adversarial = reference_layer_scores(references, fgsm_reference(model.net, x_fit, y_fit, 0.05), 400).numpy()
+    data, labels = np.r_[clean, adversarial], np.r_[np.ones(120), np.zeros(120)]
+    centre, scale = data.mean(axis=0), data.std(axis=0)
+    regression = LogisticRegressionCV(l1_ratios=(0.0,), scoring="accuracy", use_legacy_attributes=False,
+                                      max_iter=1000).fit((data - centre) / scale, labels)
+    test = torch.cat([images(40, seed=7)[0], noise(40, seed=8)])
+    expected = regression.decision_function((reference_layer_scores(references, test, 400).numpy() - centre) / scale)
+    scores = detector.score(model, test)
+    np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-3, atol=1e-3)
+    assert auroc(scores[:40], scores[40:]) > 0.9
+
+
+def test_mds_ensemble_parameters_are_checked_when_built() -> None:
+    with pytest.raises(ConfigError, match="mds_ensemble: epsilon must be >= 0"):
+        create_detector("mds_ensemble", epsilon=-0.1)
+    with pytest.raises(ConfigError, match="mds_ensemble: adversarial_epsilon"):
+        create_detector("mds_ensemble", adversarial_epsilon=0)

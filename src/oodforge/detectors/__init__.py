@@ -14,6 +14,7 @@ from oodforge.detectors import (  # noqa: F401  (imported to register)
     knn,
     logits,
     mahalanobis,
+    mds_ensemble,
     multi_mahalanobis,
     nac,
     nci,
