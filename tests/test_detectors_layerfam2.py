@@ -1,5 +1,5 @@
-"""NAC-UE and the Mahalanobis feature ensemble (mds_ensemble): against pytorch-ood 0.4.0 where it has the method
-and against references written from the papers, on a tiny trained conv net."""
+"""NAC-UE, the Mahalanobis feature ensemble (mds_ensemble) and deep ensembles: against pytorch-ood 0.4.0 where it has
+the method and against references written from the papers, on a tiny trained conv net."""
 
 from __future__ import annotations
 
@@ -210,3 +210,27 @@ def test_mds_ensemble_parameters_are_checked_when_built() -> None:
         create_detector("mds_ensemble", epsilon=-0.1)
     with pytest.raises(ConfigError, match="mds_ensemble: adversarial_epsilon"):
         create_detector("mds_ensemble", adversarial_epsilon=0)
+
+
+# ------------------------------------------------------------------------------------------------------ ensemble
+def test_ensemble_is_the_max_of_the_mean_softmax_of_its_members(model, tmp_path) -> None:
+    second, third = trained(seed=1, steps=10), trained(seed=2, steps=5)
+    torch.save(second.net.state_dict(), tmp_path / "second.pt")  # the bare net's weights
+    torch.save({"format": "oodforge-classifier", "state_dict": third.state_dict()}, tmp_path / "third.pt")
+    detector = create_detector("ensemble", members=f"{tmp_path / 'second.pt'}+{tmp_path / 'third.pt'}")
+    x = torch.cat([images(20, seed=9)[0], noise(20)])
+    with torch.no_grad():
+        probabilities = [torch.softmax(m(x), dim=1).numpy() for m in (model, second, third)]
+    expected = (sum(probabilities) / 3).max(axis=1)
+    np.testing.assert_allclose(detector.score(model, x).numpy(), expected, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(expected, probabilities[0].max(axis=1), atol=1e-3)  # the members count
+
+
+def test_ensemble_refuses_missing_and_unfitting_members(model, tmp_path) -> None:
+    torch.save(model.state_dict(), tmp_path / "good.pt")
+    with pytest.raises(ConfigError, match=r"ensemble: members file not found: .*nope\.pt$"):
+        create_detector("ensemble", members=f"{tmp_path / 'good.pt'}+{tmp_path / 'nope.pt'}")
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
+    detector = create_detector("ensemble", members=str(tmp_path / "other.pt"))
+    with pytest.raises(ConfigError, match="other.pt does not fit the model"):
+        detector.score(model, images(4)[0])

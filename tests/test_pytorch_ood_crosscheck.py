@@ -48,7 +48,8 @@ PAIRS = {"msp": "MaxSoftmax", "maxlogit": "MaxLogit", "energy": "EnergyBased", "
          "temperature": "TemperatureScaling", "gen": "GEN", "klm": "KLMatching", "mahalanobis": "Mahalanobis",
          "rmds": "RMD", "knn": "KNN", "vim": "ViM", "react": "ReAct", "ash": "ASH", "scale": "SCALE", "dice": "DICE",
          "she": "SHE", "gradnorm": "GradNorm", "nci": "NCI", "fdbd": "fDBD", "nnguide": "NNGuide"}
-NOT_IN_PYTORCH_OOD = {"cosine", "flow", "mds_ensemble", "relation", "representation", "residual", "semantic_energy"}
+NOT_IN_PYTORCH_OOD = {"cosine", "ensemble", "flow", "mds_ensemble", "relation", "representation", "residual",
+                      "semantic_energy"}
 # shared with pytorch-ood, cross-checked in the test module of their family
 CHECKED_ELSEWHERE = {"multi_mahalanobis": "test_layer_detectors", "gram": "test_layer_detectors",
                      "rankfeat": "test_layer_detectors", "nac": "test_detectors_layerfam2"}

@@ -4,6 +4,7 @@ from oodforge.detectors import (  # noqa: F401  (imported to register)
     ash,
     cosine,
     dice,
+    ensemble,
     entropy,
     fdbd,
     flow,
