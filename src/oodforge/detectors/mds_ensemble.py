@@ -42,8 +42,9 @@ class MDSEnsemble(Detector):
     training images (a seeded uniform draw) against their FGSM versions x + ``adversarial_epsilon`` *
     sign(grad_x CE(f(x), y)), clipped to [0, 1] (0.05, the authors' FGSM step in pixel units). As the paper's
     code, scikit-learn's ``LogisticRegressionCV`` (L2, accuracy, 5 folds) chooses the regularization; here on
-    standardized per-layer scores, the scaling folded back into w and b. The authors keep only images the attack
-    flips; all are used here. Scoring runs, per layer, a forward and backward pass and a forward pass.
+    standardized per-layer scores, the scaling folded back into w and b. The authors' adversarial sets keep only
+    correctly classified images whose FGSM version is misclassified; all are used here. Scoring runs, per layer,
+    a forward and backward pass and a forward pass.
     """
 
     needs_fit = True
