@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 from typer.testing import CliRunner
 
 import oodforge
@@ -91,7 +91,8 @@ def test_state_saves_and_reloads_the_same_way(name: str, fitted_setup, tmp_path)
         train = train.with_layers(extract_outputs(model, TensorDataset(torch.rand(120, 3, 4, 4), torch.arange(120) % 4),
                                                   quiet=True, layers=keys).layers)
         test = test.with_layers(extract_outputs(model, torch.rand(30, 3, 4, 4) * 2, quiet=True, layers=keys).layers)
-    detector = create_detector(name, **options)._ready(train, model)
+    inputs = TensorDataset(torch.rand(120, 3, 4, 4), torch.arange(120) % 4)  # for detectors that fit on inputs
+    detector = create_detector(name, **options)._ready(train, model, lambda: DataLoader(inputs, batch_size=40))
     detector.fitted_ = True
     path = detector.save(tmp_path / f"{name}.pt")
     again = Detector.load(path, model=model)

@@ -60,7 +60,9 @@ def test_every_detector_on_cifar10(tmp_path) -> None:
     benchmark = get_benchmark("cifar10")
     weights = root / "weights" / "resnet20-12fca82f.th"
     model, _ = load_model("resnet20", weights, benchmark)
-    outcome = run_every_detector(model, benchmark, ["tiny_imagenet", "mnist"], str(weights), tmp_path)
+    member = tmp_path / "member.pt"
+    torch.save(model.state_dict(), member)  # the ensemble's second member: the same network (a plumbing check)
+    outcome = run_every_detector(model, benchmark, ["tiny_imagenet", "mnist"], str(member), tmp_path)
     assert outcome["skipped"] <= {"cosine", "mc_dropout"}, "only the cosine head's score and MC dropout need more"
     assert outcome["rows"][("energy", "mnist")]["auroc"] > 0.8
 
