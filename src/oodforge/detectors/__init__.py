@@ -20,6 +20,7 @@ from oodforge.detectors import (  # noqa: F401  (imported to register)
     logits,
     lts,
     mahalanobis,
+    mahalanobis_odin,
     mds_ensemble,
     multi_mahalanobis,
     nac,

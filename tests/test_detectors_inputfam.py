@@ -1,0 +1,97 @@
+"""Detectors that perturb or resample the inputs: Mahalanobis with input preprocessing, MC dropout, iODIN, AdaScale."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import oodforge
+from oodforge.detectors import create_detector
+from oodforge.detectors.base import ModelOutputs, features_and_logits
+from oodforge.util.errors import ConfigError
+
+pytorch_ood = pytest.importorskip("pytorch_ood")
+
+
+class Net(nn.Module):
+    """A tiny image classifier: 3x4x4 inputs, 16 tanh features (a full-rank covariance), 4 classes."""
+
+    def __init__(self, dropout: float = 0.0, batch_norm: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        layers = [nn.Flatten(), nn.Linear(48, 16)] + ([nn.BatchNorm1d(16)] if batch_norm else []) + [nn.Tanh()]
+        self.body = nn.Sequential(*layers, *([nn.Dropout(dropout)] if dropout else []))
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def images(n: int, seed: int, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y): 4 classes, each a fixed random pattern plus noise; ``scale`` > 1 moves images off the data."""
+    generator = torch.Generator().manual_seed(seed)
+    patterns = torch.rand(4, 3, 4, 4, generator=torch.Generator().manual_seed(99))
+    labels = torch.arange(n) % 4
+    x = patterns[labels] + 0.3 * torch.randn(n, 3, 4, 4, generator=generator)
+    return scale * x, labels
+
+
+def outputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> ModelOutputs:
+    with torch.no_grad():
+        features, logits = features_and_logits(model, x)
+    return ModelOutputs(logits, features.flatten(1), y)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = oodforge.wrap_model(Net()).eval()
+    x, y = images(120, seed=1)
+    return model, outputs(model, x, y), images(30, seed=2)[0]
+
+
+# ----------------------------------------------------------------------------- mahalanobis_odin
+
+
+def _paper_statistics(train: ModelOutputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class means and the inverse of the class-centred covariance divided by N (Lee et al.), in NumPy."""
+    z, y = train.features.double().numpy(), train.labels.numpy()
+    means = np.stack([z[y == c].mean(axis=0) for c in range(4)])
+    centred = z - means[y]
+    return torch.from_numpy(means), torch.from_numpy(np.linalg.inv(centred.T @ centred / len(z)))
+
+
+def test_mahalanobis_odin_matches_pytorch_ood_given_the_papers_covariance(tiny) -> None:
+    from pytorch_ood.detector import MahalanobisODIN
+
+    model, train, x = tiny
+    means, precision = _paper_statistics(train)
+    reference = MahalanobisODIN(model.features, eps=0.01)
+    reference.fit_features(train.features, train.labels)
+    reference._base.mu, reference._base.precision = means.float(), precision.float()
+    expected = -2.0 * reference.predict(x)  # its outlier score is half the squared distance
+    ours = create_detector("mahalanobis_odin", epsilon=0.01).fit(train, model)
+    torch.testing.assert_close(ours.score(model, x), expected, rtol=1e-4, atol=1e-4)
+    plain = create_detector("mahalanobis").fit(train, model).score_outputs(outputs(model, x))
+    assert not torch.allclose(ours.score(model, x), plain), "the input step changes the scores"
+    assert (ours.score(model, x) > plain).float().mean() > 0.9, "the step moves inputs towards their nearest mean"
+
+
+def test_mahalanobis_odin_differs_from_pytorch_ood_by_its_covariance_scale(tiny) -> None:
+    """pytorch-ood does not divide the covariance by N: its distances are N times smaller (same ranking)."""
+    from pytorch_ood.detector import MahalanobisODIN
+
+    model, train, x = tiny
+    reference = MahalanobisODIN(model.features, eps=0.01).fit_features(train.features, train.labels)
+    ours = create_detector("mahalanobis_odin", epsilon=0.01).fit(train, model).score(model, x)
+    torch.testing.assert_close(ours, -2.0 * len(train) * reference.predict(x), rtol=1e-3, atol=1e-3)
+
+
+def test_mahalanobis_odin_at_zero_epsilon_is_mahalanobis_and_checks_epsilon(tiny) -> None:
+    model, train, x = tiny
+    plain = create_detector("mahalanobis").fit(train, model).score_outputs(outputs(model, x))
+    torch.testing.assert_close(create_detector("mahalanobis_odin", epsilon=0.0).fit(train, model).score(model, x),
+                               plain)
+    with pytest.raises(ConfigError, match="mahalanobis_odin: epsilon"):
+        create_detector("mahalanobis_odin", epsilon=-0.1)
