@@ -95,3 +95,52 @@ def test_mahalanobis_odin_at_zero_epsilon_is_mahalanobis_and_checks_epsilon(tiny
                                plain)
     with pytest.raises(ConfigError, match="mahalanobis_odin: epsilon"):
         create_detector("mahalanobis_odin", epsilon=-0.1)
+
+
+# ----------------------------------------------------------------------------- mc_dropout
+
+
+@pytest.mark.parametrize("mode", ["mean", "var"])
+def test_mc_dropout_matches_pytorch_ood_mcd_with_the_same_seed(mode: str) -> None:
+    from pytorch_ood.detector import MCD
+
+    model = oodforge.wrap_model(Net(dropout=0.5, batch_norm=True)).eval()
+    x = images(20, seed=3)[0]
+    torch.manual_seed(7)
+    expected = MCD(model, samples=10, mode=mode).predict(x)  # outlier scores: higher = more OOD
+    ours = create_detector("mc_dropout", samples=10, mode=mode, seed=7).score(model, x)
+    torch.testing.assert_close(ours, -expected, rtol=1e-5, atol=1e-6)
+    assert not model.training and not any(m.training for m in model.modules()), "modes are restored"
+
+
+def test_mc_dropout_keeps_batch_norm_in_eval_and_resamples_dropout() -> None:
+    model = oodforge.wrap_model(Net(dropout=0.5, batch_norm=True)).eval()
+    batch_norm = model.net.body[2]
+    batch_norm.running_mean.fill_(0.25)
+    x = images(20, seed=3)[0]
+    with torch.no_grad():
+        msp = torch.softmax(model(x), dim=1).max(dim=1).values
+    state = torch.get_rng_state()
+    scores = create_detector("mc_dropout", samples=8, seed=1).score(model, x)
+    assert torch.equal(torch.get_rng_state(), state), "the global random state is left alone"
+    assert torch.equal(batch_norm.running_mean, torch.full((16,), 0.25)), "BatchNorm statistics are not updated"
+    torch.testing.assert_close(create_detector("mc_dropout", samples=8, seed=1).score(model, x), scores)
+    assert not torch.allclose(create_detector("mc_dropout", samples=8, seed=2).score(model, x), scores)
+    assert not torch.allclose(scores, msp), "dropout is active in the passes"
+    assert (create_detector("mc_dropout", mode="var").score(model, x) < 0).all()
+
+
+def test_mc_dropout_is_skipped_for_networks_without_dropout_and_checks_its_options() -> None:
+    detector = create_detector("mc_dropout")
+    assert detector.supports(oodforge.wrap_model(Net(dropout=0.3)))
+    assert not detector.supports(oodforge.wrap_model(Net()))
+    x, y = images(40, seed=4)
+    results = oodforge.evaluate_ood(Net(), (x, y), x, {"far": images(20, seed=5, scale=4.0)[0]},
+                                    detectors="mc_dropout,msp", quiet=True)
+    assert [row["detector"] for row in results.rows] == ["msp"]
+    with pytest.raises(ConfigError, match="mc_dropout: samples"):
+        create_detector("mc_dropout", samples=1)
+    with pytest.raises(ConfigError, match="mc_dropout: mode"):
+        create_detector("mc_dropout", mode="entropy")
+    with pytest.raises(ConfigError, match="score\\(model, x\\)"):
+        detector.score_outputs(ModelOutputs(torch.zeros(2, 4), torch.zeros(2, 16)))

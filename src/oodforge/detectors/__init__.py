@@ -21,6 +21,7 @@ from oodforge.detectors import (  # noqa: F401  (imported to register)
     lts,
     mahalanobis,
     mahalanobis_odin,
+    mc_dropout,
     mds_ensemble,
     multi_mahalanobis,
     nac,
