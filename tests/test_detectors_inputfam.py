@@ -144,3 +144,58 @@ def test_mc_dropout_is_skipped_for_networks_without_dropout_and_checks_its_optio
         create_detector("mc_dropout", mode="entropy")
     with pytest.raises(ConfigError, match="score\\(model, x\\)"):
         detector.score_outputs(ModelOutputs(torch.zeros(2, 4), torch.zeros(2, 16)))
+
+
+# ----------------------------------------------------------------------------- iodin
+
+
+def _weights(model: nn.Module) -> tuple[np.ndarray, ...]:
+    """W1, b1, W2, b2 of the tanh network: f(x) = W2 tanh(W1 x + b1) + b2."""
+    body, head = model.net.body[1], model.net.fc
+    return tuple(p.detach().double().numpy() for p in (body.weight, body.bias, head.weight, head.bias))
+
+
+def _forward(weights: tuple[np.ndarray, ...], x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    w1, b1, w2, b2 = weights
+    h = np.tanh(x @ w1.T + b1)
+    return h, h @ w2.T + b2
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _iodin_reference(model: nn.Module, x: torch.Tensor, temperature: float, epsilon: float) -> np.ndarray:
+    """iODIN from its definition, with the input gradient of the tanh network written out by hand."""
+    weights = _weights(model)
+    w1, _, w2, _ = weights
+    flat = x.double().flatten(1).numpy()
+    h, f = _forward(weights, flat)
+    p = _softmax(f / temperature)
+    d_logits = (p - np.eye(4)[f.argmax(axis=1)]) / temperature  # d CE(f / T, argmax) / d f
+    gradient = ((d_logits @ w2) * (1 - h**2)) @ w1
+    step = np.zeros_like(flat)
+    rows, where = np.arange(len(flat)), np.abs(gradient).argmax(axis=1)
+    step[rows, where] = np.where(gradient[rows, where] >= 0, 1.0, -1.0)
+    return _softmax(_forward(weights, flat - epsilon * step)[1] / temperature).max(axis=1)
+
+
+@pytest.mark.parametrize("temperature, epsilon", [(1.0, 0.3), (1000.0, 0.05)])
+def test_iodin_matches_a_numpy_reference(tiny, temperature: float, epsilon: float) -> None:
+    model, _, x = tiny
+    ours = create_detector("iodin", temperature=temperature, epsilon=epsilon).score(model, x)
+    np.testing.assert_allclose(ours.numpy(), _iodin_reference(model, x, temperature, epsilon), rtol=1e-5, atol=1e-7)
+
+
+def test_iodin_steps_one_element_and_raises_confidence(tiny) -> None:
+    model, train, x = tiny
+    odin = create_detector("odin", temperature=1.0, epsilon=0.0).score(model, x)
+    iodin = create_detector("iodin", temperature=1.0, epsilon=0.3).score(model, x)
+    assert (iodin > odin).all(), "one step against the loss raises every sample's MSP"
+    full = create_detector("odin", temperature=1.0, epsilon=0.3).score(model, x)
+    assert ((iodin - odin) < (full - odin)).float().mean() > 0.9, "one element moves the MSP less than all of them"
+    torch.testing.assert_close(create_detector("iodin", temperature=5.0, epsilon=0.0).score(model, x),
+                               create_detector("odin", temperature=5.0, epsilon=0.0).score(model, x))
+    with pytest.raises(ConfigError, match="iodin: temperature"):
+        create_detector("iodin", temperature=0.0)

@@ -15,6 +15,7 @@ from oodforge.detectors import (  # noqa: F401  (imported to register)
     gram,
     grood,
     grood_generic,
+    iodin,
     klm,
     knn,
     logits,
