@@ -199,3 +199,81 @@ def test_iodin_steps_one_element_and_raises_confidence(tiny) -> None:
                                create_detector("odin", temperature=5.0, epsilon=0.0).score(model, x))
     with pytest.raises(ConfigError, match="iodin: temperature"):
         create_detector("iodin", temperature=0.0)
+
+
+# ----------------------------------------------------------------------------- adascale_a / adascale_l
+
+ADASCALE = {"p_min": 60.0, "p_max": 90.0, "shift_percent": 10.0, "correction_percent": 25.0, "shift_weight": 10.0,
+            "perturb_fraction": 0.1, "epsilon": 0.2}
+
+
+def _adascale_shift(weights: tuple[np.ndarray, ...], x: torch.Tensor, o: dict) -> tuple[np.ndarray, ...]:
+    """(h, f, Q') from the paper's definitions, with the input gradient of the tanh network written out by hand."""
+    w1, _, w2, _ = weights
+    flat = x.double().flatten(1).numpy()
+    h, f = _forward(weights, flat)
+    gradient = ((w2[f.argmax(axis=1)]) * (1 - h**2)) @ w1  # d f_y / d x, y = argmax f
+    count = max(1, int(flat.shape[1] * o["perturb_fraction"]))
+    mask = np.zeros_like(flat)
+    np.put_along_axis(mask, np.argsort(np.abs(gradient), axis=1)[:, :count], 1.0, axis=1)
+    h_perturbed = _forward(weights, flat + o["epsilon"] * np.sign(gradient) * mask)[0]
+    order = np.argsort(-h, axis=1)
+    k1, k2 = (max(1, int(16 * o[k] / 100)) for k in ("shift_percent", "correction_percent"))
+    q = np.take_along_axis(np.abs(h - h_perturbed), order[:, :k1], axis=1).sum(axis=1)
+    c_o = np.take_along_axis(np.maximum(h_perturbed, 0), order[:, :k2], axis=1).sum(axis=1)
+    return h, f, c_o + o["shift_weight"] * q
+
+
+def _adascale_reference(model: nn.Module, train_x: torch.Tensor, x: torch.Tensor, variant: str, o: dict
+                        ) -> np.ndarray:
+    weights = _weights(model)
+    reference = _adascale_shift(weights, train_x, o)[2]
+    h, f, q = _adascale_shift(weights, x, o)
+    cdf = (reference[None, :] <= q[:, None]).mean(axis=1)  # the ID empirical CDF at Q'
+    p = o["p_min"] + (1 - cdf) * (o["p_max"] - o["p_min"])
+    relu = np.maximum(h, 0)
+    kept = np.maximum(16 - np.round(16 * p / 100), 1).astype(int)
+    top = np.array([np.sort(row)[::-1][:k].sum() for row, k in zip(relu, kept, strict=True)])
+    r = relu.sum(axis=1) / top
+    w2, b2 = weights[2], weights[3]
+    logits = (h * np.exp(r)[:, None]) @ w2.T + b2 if variant == "a" else f * (r**2)[:, None]
+    return np.log(np.exp(logits).sum(axis=1))
+
+
+@pytest.mark.parametrize("variant", ["a", "l"])
+def test_adascale_matches_a_numpy_reference(tiny, variant: str) -> None:
+    model, _, x = tiny
+    train_x = images(120, seed=1)[0]
+    detector = create_detector(f"adascale_{variant}", **ADASCALE).fit(train_x, model)
+    expected = _adascale_reference(model, train_x, x, variant, ADASCALE)
+    np.testing.assert_allclose(detector.score(model, x).numpy(), expected, rtol=1e-5)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(train_x, torch.arange(120) % 4), batch_size=50)
+    again = create_detector(f"adascale_{variant}", **ADASCALE).fit(loader, model)
+    torch.testing.assert_close(again.score(model, x), detector.score(model, x))
+
+
+def test_adascale_percentile_adapts_to_the_feature_shift(tiny) -> None:
+    model, _, x = tiny
+    detector = create_detector("adascale_a", **ADASCALE).fit(images(120, seed=1)[0], model)
+    _, _, shift = detector.shift_statistics(model, x)
+    p = detector.percentiles(shift)
+    assert p.min() >= 60 and p.max() <= 90 and p.std() > 3, "percentiles spread over [p_min, p_max]"
+    order = shift.argsort()
+    assert (p[order].diff() <= 0).all(), "a larger shift Q' gets a lower percentile (weaker scaling)"
+    subset = create_detector("adascale_a", **ADASCALE, train_images=50).fit(images(120, seed=1)[0], model)
+    assert len(subset.reference_) == 50 and len(detector.reference_) == 120
+
+
+def test_adascale_checks_its_options(tiny) -> None:
+    with pytest.raises(ConfigError, match="adascale_l: p_min and p_max"):
+        create_detector("adascale_l", p_min=90.0, p_max=80.0)
+    with pytest.raises(ConfigError, match="adascale_a: perturb_fraction"):
+        create_detector("adascale_a", perturb_fraction=0.0)
+    with pytest.raises(ConfigError, match="adascale_a: shift_percent"):
+        create_detector("adascale_a", shift_percent=0.0)
+    model, train, x = tiny
+    with pytest.raises(ConfigError, match="adascale_l fits on the training inputs"):
+        create_detector("adascale_l").fit(train, model)
+    detector = create_detector("adascale_l").fit(x, model)
+    with pytest.raises(ConfigError, match="score\\(model, x\\)"):
+        detector.score_outputs(train)

@@ -1,6 +1,7 @@
 """Post-hoc OOD detectors; importing this package registers all of them in ``DETECTORS``."""
 
 from oodforge.detectors import (  # noqa: F401  (imported to register)
+    adascale,
     ash,
     cadref,
     cosine,

@@ -22,8 +22,8 @@ class MCDropout(Detector):
 
     f_1 .. f_T are T = ``samples`` forward passes with every dropout layer (``nn.Dropout`` and its 1d/2d/3d and
     alpha variants) in training mode and every other module, BatchNorm included, in eval mode (Gal &
-    Ghahramani, "Dropout as a Bayesian Approximation: Representing Model Uncertainty in Deep Learning",
-    ICML 2016). ``mean`` is the MSP of the predictive mean; ``var`` the class-averaged variance of the
+    Ghahramani, "Dropout as a Bayesian Approximation: Representing Model Uncertainty in Deep Learning"
+    (ICML 2016)). ``mean`` is the MSP of the predictive mean; ``var`` the class-averaged variance of the
     softmax across passes (with Bessel's correction), as in pytorch-ood's ``MCD``, negated so that higher
     means more ID. Dropout applied through ``torch.nn.functional.dropout`` inside a module's forward is
     not switched on. With ``seed`` set, every call draws its masks from a generator seeded with it (the
