@@ -51,11 +51,13 @@ PAIRS = {"msp": "MaxSoftmax", "maxlogit": "MaxLogit", "energy": "EnergyBased", "
          "rmds": "RMD", "knn": "KNN", "vim": "ViM", "react": "ReAct", "ash": "ASH", "scale": "SCALE", "dice": "DICE",
          "she": "SHE", "gradnorm": "GradNorm", "nci": "NCI", "fdbd": "fDBD", "nnguide": "NNGuide"}
 NOT_IN_PYTORCH_OOD = {"cosine", "flow", "relation", "representation", "residual", "semantic_energy", "ssd",
-                      "grood", "grood_generic", "caref", "cadref", "weiper", "neco", "ensemble", "mds_ensemble"}
+                      "grood", "grood_generic", "caref", "cadref", "weiper", "neco", "ensemble", "mds_ensemble",
+                      "iodin", "adascale_a", "adascale_l"}
 # shared with pytorch-ood, cross-checked in the test module of their family
 CHECKED_ELSEWHERE = {"multi_mahalanobis": "test_layer_detectors", "gram": "test_layer_detectors",
                      "rankfeat": "test_layer_detectors", "vra": "test_detectors_featfam",
-                     "nac": "test_detectors_layerfam2",
+                     "nac": "test_detectors_layerfam2", "mahalanobis_odin": "test_detectors_inputfam",
+                     "mc_dropout": "test_detectors_inputfam",
                      **dict.fromkeys(["openmax", "gmm", "lts", "pnml", "weighted_ebo"], "test_detectors_logitfam")}
 CLASSES, INPUTS, WIDTH, N_TRAIN = 5, 12, 16, 300
 

@@ -36,6 +36,11 @@ class Ensemble(Detector):
         if missing:
             raise ConfigError(f"ensemble: members file not found: {', '.join(missing)}")
 
+    def supports(self, model: nn.Module | None) -> bool:
+        """Only with member files: without them the ensemble would be the model's MSP under another name (so
+        ``--detectors all`` leaves it out)."""
+        return bool(self._paths()) and super().supports(model)
+
     def _paths(self) -> list[str]:
         return [p.strip() for p in self.members.split("+") if p.strip()] if self.members else []
 
