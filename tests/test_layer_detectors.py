@@ -212,3 +212,23 @@ def test_reductions_run_in_float32_under_bf16_autocast(setting) -> None:
     assert mixed["3@rankfeat"].dtype == torch.float32
     # the maps themselves come out of bf16 convolutions; the power iteration on them must not lose more
     torch.testing.assert_close(mixed["3@rankfeat"], plain["3@rankfeat"], rtol=0.05, atol=0.05)
+
+
+MULTI_LAYER = "gram,multi_mahalanobis,rankfeat,nac:train_images=40,mds_ensemble:regression_images=40"
+
+
+@pytest.mark.parametrize("spec", ["torchvision:resnet18", "timm:resnet18"])
+def test_multi_layer_detectors_run_on_torchvision_and_timm_networks(spec: str, tmp_path) -> None:
+    """Every detector that reads intermediate layers, on a torchvision and a timm ResNet-18 through wrap_model, with
+    the default layers (the four stages), end to end through evaluate_ood."""
+    torch.manual_seed(0)
+    model = oodforge.wrap_model(build_model(spec, num_classes=CLASSES)).eval()
+    x_train, y_train = images(48, seed=6)
+    big = nn.functional.interpolate(x_train, size=32)
+    results = oodforge.evaluate_ood(model, TensorDataset(big, y_train),
+                                    TensorDataset(nn.functional.interpolate(images(24, seed=7)[0], size=32)),
+                                    {"noise": torch.rand(24, 3, 32, 32)}, detectors=MULTI_LAYER, quiet=True,
+                                    out=tmp_path / "run", batch_size=24)
+    rows = {row["detector"]: row for row in results.rows}
+    assert len(rows) == 5, sorted(rows)
+    assert all(np.isfinite(row["auroc"]) for row in rows.values())
