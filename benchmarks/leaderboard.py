@@ -5,8 +5,8 @@
         --detectors all --tune --out runs/r20-all
     # ResNet-20 trained from scratch with cross-entropy, 3 seeds (benchmarks/configs/cifar10_scratch.yaml)
     oodforge bench benchmarks/configs/cifar10_scratch.yaml --runs ce --out runs/cifar10_scratch
-    python benchmarks/leaderboard.py runs/r20-all/results.json runs/cifar10_scratch/summary.json \\
-        benchmarks/results/cifar10_leaderboard
+    python benchmarks/leaderboard.py benchmarks/results/cifar10_leaderboard runs/r20-all/results.json \\
+        [runs/cifar10_scratch/summary.json]
 
 Writes ``<prefix>.md`` (one table per model, ranked by near AUROC; AUROC and FPR95 in %, mean ± sd over seeds for
 the scratch models) and ``<prefix>.json`` (the same rows).
@@ -63,16 +63,18 @@ def table(rows: list[dict]) -> list[str]:
 
 
 def main() -> None:
-    pretrained, summary, prefix = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    prefix, pretrained = Path(sys.argv[1]), Path(sys.argv[2])
+    summary = Path(sys.argv[3]) if len(sys.argv) > 3 else None
     rows = pretrained_rows(json.loads(pretrained.read_text()))
-    rows += scratch_rows(json.loads(summary.read_text()), "ce")
+    if summary is not None:
+        rows += scratch_rows(json.loads(summary.read_text()), "ce")
     lines = []
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
         lines += [f"**{model}**, ID accuracy {100 * mine[0]['id_accuracy']:.2f}%", "", *table(mine), ""]
     prefix.with_suffix(".md").write_text("\n".join(lines))
-    prefix.with_suffix(".json").write_text(json.dumps({"sources": [str(pretrained), str(summary)], "rows": rows},
-                                                      indent=1) + "\n")
+    sources = [str(pretrained)] + ([str(summary)] if summary is not None else [])
+    prefix.with_suffix(".json").write_text(json.dumps({"sources": sources, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
