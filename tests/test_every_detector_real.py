@@ -20,7 +20,7 @@ from oodforge.models.loading import load_model
 
 # small settings where a default would take long on a few hundred images; every other detector runs as it is
 OPTIONS = {"flow": {"epochs": 2, "blocks": 2, "batch_size": 64}, "nac": {"train_images": 200}}
-TRAIN, TEST, OOD = 600, 200, 200
+TRAIN, TEST, OOD = 400, 150, 150
 
 
 def every_spec(model: nn.Module, members: str | None) -> dict[str, dict]:
@@ -74,9 +74,9 @@ def test_every_detector_on_fashion_mnist(tmp_path) -> None:
     torch.manual_seed(0)
     model = Classifier(ModelConfig(backbone="resnet20", num_classes=10, in_channels=1, mean=(0.286,), std=(0.353,)))
     train = benchmark.id_set("train").torch_dataset()
-    loader = torch.utils.data.DataLoader(Subset(train, range(3000)), batch_size=100, shuffle=True)
+    loader = torch.utils.data.DataLoader(Subset(train, range(2000)), batch_size=100, shuffle=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for x, y in loader:  # one epoch on 3,000 images: a working classifier, not a good one
+    for x, y in loader:  # one epoch on 2,000 images: a working classifier, not a good one
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
@@ -85,4 +85,4 @@ def test_every_detector_on_fashion_mnist(tmp_path) -> None:
     torch.save(model.state_dict(), members)
     outcome = run_every_detector(model, benchmark, ["mnist", "notmnist"], str(members), tmp_path)
     assert outcome["skipped"] <= {"cosine", "mc_dropout"}
-    assert outcome["accuracy"] > 0.6, "a working classifier (one epoch on 3,000 images)"
+    assert outcome["accuracy"] > 0.6, "a working classifier (one epoch on 2,000 images)"
