@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +223,14 @@ def test_the_datasets_targets_equal_the_json_and_the_pngs(written, small_bench) 
                 assert target["ood"].tolist() == [label > 10 for label in labels.tolist()]
                 assert tensor.shape == (3, 64, 64) and tensor.dtype == torch.float32
                 assert torch.equal((tensor * 255).round().to(torch.uint8).permute(1, 2, 0), torch.from_numpy(png))
+
+
+def test_an_on_the_fly_dataset_pickles_for_worker_processes(small_bench) -> None:
+    dataset = small_bench.dataset("test_mixed", seed=5)
+    image, target = dataset[3]
+    copy = pickle.loads(pickle.dumps(dataset))
+    copy_image, copy_target = copy[3]
+    assert torch.equal(copy_image, image) and torch.equal(copy_target["boxes"], target["boxes"])
 
 
 def test_a_torchvision_detector_trains_on_a_batch(small_bench) -> None:

@@ -23,7 +23,6 @@ in a dataset or written to disk.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -155,13 +154,18 @@ def _check_sources(bench: CanvasBenchmark) -> None:
 
 @dataclass
 class Pool:
-    """Object images of one source: the set, the positions that may be drawn, and a category id per item."""
+    """Object images of one source: the set, the positions that may be drawn, and the category of its items:
+    ``category_id`` for all of them, or (when None) 1 + the item's label."""
 
     name: str
     split: str
     images: ImageSet
     positions: np.ndarray
-    category: Callable[[int], int]
+    category_id: int | None = None
+
+    def category(self, label: int) -> int:
+        """The category id of an item with ``label``."""
+        return self.category_id if self.category_id is not None else int(label) + 1
 
 
 class CanvasMaker:
@@ -213,7 +217,7 @@ class CanvasMaker:
         everything = np.arange(len(images))
         positions = {"fit": everything[everything % VAL_EVERY != VAL_EVERY - 1],
                      "holdout": everything[everything % VAL_EVERY == VAL_EVERY - 1], "test": everything}[part]
-        return Pool(name, split, images, positions, lambda label: int(label) + 1)
+        return Pool(name, split, images, positions)
 
     def other_pools(self, role: str) -> list[Pool]:
         """The OOD (test splits) or training-outlier (train splits) object pools."""
@@ -221,8 +225,7 @@ class CanvasMaker:
         pools = []
         for name in names:
             images = self.source(name, split, "OOD source" if role == "ood" else "outlier source")
-            category = self._category_id(name)
-            pools.append(Pool(name, split, images, np.arange(len(images)), lambda label, c=category: c))
+            pools.append(Pool(name, split, images, np.arange(len(images)), self._category_id(name)))
         return pools
 
     def backgrounds(self, part: str) -> tuple[ImageSet, np.ndarray]:
@@ -243,9 +246,8 @@ class CanvasMaker:
         rng = np.random.default_rng([seed, SPLITS.index(split), index])
         images, positions = self.backgrounds(plan.backgrounds)
         background = background_crop(images.images[positions[rng.integers(len(positions))]], bench.size, rng)
-        id_pools = self._cached(f"id:{plan.id_part}", lambda: [self.id_pool(plan.id_part)] if plan.id_part else [])
-        other_pools = self._cached(f"other:{plan.others}",
-                                   lambda: self.other_pools(plan.others) if plan.others else [])
+        id_pools = self._pools_of("id", plan.id_part)
+        other_pools = self._pools_of("other", plan.others)
         for _ in range(LAYOUT_TRIES):
             count = int(rng.integers(bench.objects[0], bench.objects[1] + 1))
             roles = self._roles(plan.kind, count, rng)
@@ -257,9 +259,14 @@ class CanvasMaker:
         raise ConfigError(f"{bench.name}: objects of scale {bench.scale} do not fit on {bench.size}x{bench.size} "
                           f"canvases with max_overlap {bench.max_overlap}; lower the scale or raise the size")
 
-    def _cached(self, key: str, build: Callable[[], list[Pool]]) -> list[Pool]:
+    def _pools_of(self, role: str, part: str) -> list[Pool]:
+        """The ID pool of ``part`` or the other pools of role ``part`` (none when ``part`` is empty), built once."""
+        key = f"{role}:{part}"
         if key not in self._pools:
-            self._pools[key] = build()
+            if not part:
+                self._pools[key] = []
+            else:
+                self._pools[key] = [self.id_pool(part)] if role == "id" else self.other_pools(part)
         return self._pools[key]
 
     @staticmethod
