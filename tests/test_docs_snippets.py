@@ -44,6 +44,9 @@ DATA_NEEDS = {
     "tiny_imagenet": ("tiny-imagenet-200-val.tar.gz",),
     "dtd": ("dtd-subset-128.tar.gz",),
     "demo": ("FashionMNIST/raw", "MNIST/raw", "notMNIST/raw"),
+    "mnist_canvas": ("MNIST/raw", "FashionMNIST/raw", "notMNIST/raw", "dtd-subset-128.tar.gz", "cifar10-jpeg.tar.gz"),
+    "fashion_canvas": ("MNIST/raw", "FashionMNIST/raw", "notMNIST/raw", "dtd-subset-128.tar.gz",
+                       "cifar10-jpeg.tar.gz"),
 }
 DATA_PATH = re.compile(r"\$\{?OODFORGE_DATA\}?/(?P<path>[\w./-]+)")
 MODULE_NEEDS = {r"\btimm:": "timm", r"--executor ray": "ray", r"use_faiss=true": "faiss"}
