@@ -20,7 +20,7 @@ from oodforge.models.loading import load_model
 
 # small settings where a default would take long on a few hundred images; every other detector runs as it is
 OPTIONS = {"flow": {"epochs": 2, "blocks": 2, "batch_size": 64}, "nac": {"train_images": 200}}
-TRAIN, TEST, OOD = 400, 150, 150
+TRAIN, TEST, OOD = 300, 100, 100
 
 
 def every_spec(model: nn.Module, members: str | None) -> dict[str, dict]:
