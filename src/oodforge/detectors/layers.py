@@ -138,34 +138,45 @@ def chosen_layers(model: nn.Module | None, layers: str | None) -> list[str]:
     return names
 
 
-def layer_outputs(model: nn.Module, x: Tensor, keys: Sequence[str],
-                  features_and_logits: Callable[[nn.Module, Tensor], tuple[Tensor, Tensor]]
-                  ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """(features, logits, {key: reduced outputs}) of one forward pass, the layers read by forward hooks."""
-    by_layer: dict[str, list[tuple[str, Callable]]] = {}
-    for key in keys:
-        layer, reduction = split_key(key)
-        by_layer.setdefault(layer, []).append((key, reducer(reduction)))
-    values: dict[str, Tensor] = {}
+def forward_with_layers(model: nn.Module, layers: Sequence[str], forward: Callable[[], object]
+                        ) -> tuple[object, dict[str, Tensor]]:
+    """(what ``forward()`` returns, {layer: its raw output}) with forward hooks on ``layers`` of ``model``; each
+    layer must run exactly once (one error naming it otherwise). The outputs stay in the autograd graph, if any."""
+    maps: dict[str, Tensor] = {}
     calls: dict[str, int] = {}
 
     def hook_for(layer: str) -> Callable:
         def hook(_module: nn.Module, _args: tuple, output: object) -> None:
-            maps = output[0] if isinstance(output, tuple | list) else output
+            maps[layer] = output[0] if isinstance(output, tuple | list) else output
             calls[layer] = calls.get(layer, 0) + 1
-            with torch.autocast(maps.device.type, enabled=False):  # reductions in float32/64 under bf16 passes
-                for key, reduce in by_layer[layer]:
-                    values[key] = reduce(maps.float())
         return hook
 
-    handles = [find_layer(model, layer).register_forward_hook(hook_for(layer)) for layer in by_layer]
+    handles = [find_layer(model, layer).register_forward_hook(hook_for(layer)) for layer in layers]
     try:
-        features, logits = features_and_logits(model, x)
+        result = forward()
     finally:
         for handle in handles:
             handle.remove()
-    for layer in by_layer:
+    for layer in layers:
         if calls.get(layer, 0) != 1:
             raise ConfigError(f"layer {layer!r} ran {calls.get(layer, 0)} times in one forward pass, expected once; "
                               "name a module that runs once per image")
+    return result, maps
+
+
+def layer_outputs(model: nn.Module, x: Tensor, keys: Sequence[str],
+                  features_and_logits: Callable[[nn.Module, Tensor], tuple[Tensor, Tensor]]
+                  ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """(features, logits, {key: reduced outputs}) of one forward pass, the layers read by forward hooks and
+    reduced in float32/64 (outside any bf16 autocast)."""
+    by_layer: dict[str, list[tuple[str, Callable]]] = {}
+    for key in keys:
+        layer, reduction = split_key(key)
+        by_layer.setdefault(layer, []).append((key, reducer(reduction)))
+    (features, logits), maps = forward_with_layers(model, list(by_layer), lambda: features_and_logits(model, x))
+    values: dict[str, Tensor] = {}
+    for layer, reductions in by_layer.items():
+        with torch.autocast(maps[layer].device.type, enabled=False):
+            for key, reduce in reductions:
+                values[key] = reduce(maps[layer].float())
     return features, logits, values

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from oodforge.detectors.base import DETECTORS, Detector, ModelOutputs, features_and_logits, require_interface
 from oodforge.detectors.batches import input_batches, training_subset
-from oodforge.detectors.layers import chosen_layers, find_layer
+from oodforge.detectors.layers import chosen_layers, forward_with_layers
 from oodforge.util.errors import ConfigError
 
 LOG_BASE = 1000.0  # the authors' bin edges: log_1000 of evenly spaced values in [1, sqrt(1000)], mirrored at 0.5
@@ -160,24 +160,7 @@ def summed(maps: Tensor) -> Tensor:
 def hooked_forward(model: nn.Module, x: Tensor, layers: list[str]) -> tuple[list[Tensor], Tensor]:
     """(the outputs of ``layers``, logits) of one forward pass with gradients on, the outputs kept in the graph."""
     model = require_interface(model)
-    maps: dict[str, Tensor] = {}
-    calls: dict[str, int] = {}
-
-    def hook_for(layer: str):
-        def hook(_module: nn.Module, _args: tuple, output: object) -> None:
-            maps[layer] = output[0] if isinstance(output, tuple | list) else output
-            calls[layer] = calls.get(layer, 0) + 1
-        return hook
-
-    handles = [find_layer(model, layer).register_forward_hook(hook_for(layer)) for layer in layers]
-    try:
-        with torch.enable_grad():
-            _, logits = features_and_logits(model, x.detach().clone().requires_grad_(True))
-    finally:
-        for handle in handles:
-            handle.remove()
-    for layer in layers:
-        if calls.get(layer, 0) != 1:
-            raise ConfigError(f"layer {layer!r} ran {calls.get(layer, 0)} times in one forward pass, expected once; "
-                              "name a module that runs once per image")
+    with torch.enable_grad():
+        (_, logits), maps = forward_with_layers(
+            model, layers, lambda: features_and_logits(model, x.detach().clone().requires_grad_(True)))
     return [maps[layer] for layer in layers], logits
