@@ -49,6 +49,7 @@ class Detector(metaclass=_ValidatedWhenBuilt):
     needs_fit: ClassVar[bool] = False
     needs_inputs: ClassVar[bool] = False
     fits_on_inputs: ClassVar[bool] = False  # fit reads the training inputs themselves (``_fit_inputs``)
+    needs_labels: ClassVar[bool] = False  # fit needs the training labels (one error, before any fitting, if absent)
     requires: ClassVar[tuple[str, ...]] = ("logits",)
     search_space: ClassVar[dict[str, list]] = {}
 
@@ -118,6 +119,8 @@ class Detector(metaclass=_ValidatedWhenBuilt):
             train = outputs_of(model, train, self.layer_keys(model))
         elif self.fits_on_inputs:
             raise ConfigError(f"{self._label()} fits on the training inputs: fit(loader, model), not on outputs")
+        if self.needs_labels and train.labels is None:
+            raise ConfigError(f"{self._label()} needs labelled training outputs (train.labels is None)")
         self.model_ = model
         self._fit(train)
         self.fitted_ = True

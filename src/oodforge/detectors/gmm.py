@@ -32,6 +32,7 @@ class GMM(Detector):
 
     paper: ClassVar[str] = "no single paper: the class-conditional Gaussian baseline, as pytorch-ood's GMM"
     needs_fit = True
+    needs_labels = True
     requires: ClassVar[tuple[str, ...]] = ("features", "train")
     search_space: ClassVar[dict[str, list]] = {"n_components": [1, 2, 3, 5], "reg": [1e-6, 1e-4, 1e-2]}
 
@@ -50,8 +51,6 @@ class GMM(Detector):
         check_chunk_rows(self.chunk_rows)
 
     def _fit(self, train: ModelOutputs) -> None:
-        if train.labels is None:
-            raise ConfigError("gmm needs labelled training outputs (train.labels is None)")
         features = train.features.detach().to("cpu", torch.float64)
         labels = train.labels.detach().cpu()
         if features.ndim != 2 or len(features) == 0 or labels.shape != (len(features),):

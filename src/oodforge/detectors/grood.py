@@ -53,6 +53,7 @@ class GROOD(Detector):
     """
 
     needs_fit = True
+    needs_labels = True
     requires: ClassVar[tuple[str, ...]] = ("logits", "features", "train")
     search_space: ClassVar[dict[str, list]] = {"k": [1, 5, 10, 50], "lam": [0.3, 0.5, 0.7, 0.9]}
 
@@ -75,8 +76,6 @@ class GROOD(Detector):
 
     def _fit(self, train: ModelOutputs) -> None:
         features, logits = train.features.detach(), train.logits.detach()
-        if train.labels is None:
-            raise ConfigError("grood needs labelled training outputs (train.labels is None)")
         labels = train.labels.detach().to(features.device)
         if features.ndim != 2 or len(features) == 0 or logits.ndim != 2 or len(logits) != len(features) or \
                 labels.shape != (len(features),):

@@ -41,6 +41,7 @@ class GROODGeneric(Detector):
     """
 
     needs_fit = True
+    needs_labels = True
     requires: ClassVar[tuple[str, ...]] = ("logits", "features", "train")
     search_space: ClassVar[dict[str, list]] = {}
 
@@ -58,8 +59,6 @@ class GROODGeneric(Detector):
     def _fit(self, train: ModelOutputs) -> None:
         self._check()
         features, logits = train.features.detach(), train.logits.detach()
-        if train.labels is None:
-            raise ConfigError("grood_generic needs labelled training outputs (train.labels is None)")
         labels = train.labels.detach().to(features.device)
         if features.ndim != 2 or len(features) == 0 or logits.shape[0] != len(features) or \
                 labels.shape != (len(features),):

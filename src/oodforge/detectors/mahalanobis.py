@@ -25,6 +25,7 @@ class Mahalanobis(Detector):
     """
 
     needs_fit = True
+    needs_labels = True
     requires: ClassVar[tuple[str, ...]] = ("features", "train")
 
     def __init__(self, ridge: float = 0.0, rtol: float | None = None, chunk_rows: int | None = None) -> None:
@@ -38,8 +39,6 @@ class Mahalanobis(Detector):
         check_chunk_rows(self.chunk_rows)
 
     def _fit(self, train: ModelOutputs) -> None:
-        if train.labels is None:
-            raise ConfigError("mahalanobis needs labelled training outputs (train.labels is None)")
         if self.ridge < 0:
             raise ConfigError(f"ridge must be >= 0, got {self.ridge}")
         check_chunk_rows(self.chunk_rows)

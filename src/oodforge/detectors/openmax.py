@@ -40,6 +40,7 @@ class OpenMax(Detector):
     """
 
     needs_fit = True
+    needs_labels = True
     requires: ClassVar[tuple[str, ...]] = ("logits", "train")
     search_space: ClassVar[dict[str, list]] = {"tailsize": [10, 20, 50, 100], "alpha": [1, 2, 3, 5, 10]}
 
@@ -54,8 +55,6 @@ class OpenMax(Detector):
             raise ConfigError(f"openmax: alpha must be >= 1, got {self.alpha}")
 
     def _fit(self, train: ModelOutputs) -> None:
-        if train.labels is None:
-            raise ConfigError("openmax needs labelled training outputs (train.labels is None)")
         logits = train.logits.detach().to("cpu", torch.float64)
         labels = train.labels.detach().cpu()
         if logits.ndim != 2 or len(logits) == 0 or labels.shape != (len(logits),):

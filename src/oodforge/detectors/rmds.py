@@ -32,6 +32,7 @@ class RMDS(Detector):
     requires: ClassVar[tuple[str, ...]] = ("features", "train")
     search_space: ClassVar[dict[str, list]] = {}
     needs_fit: ClassVar[bool] = True
+    needs_labels: ClassVar[bool] = True
 
     def __init__(self, chunk_rows: int = 16384) -> None:
         self.chunk_rows = chunk_rows
@@ -42,8 +43,6 @@ class RMDS(Detector):
 
     def _fit(self, train: ModelOutputs) -> None:
         self._check()
-        if train.labels is None:
-            raise ConfigError("rmds needs labelled training outputs (train.labels is None)")
         features = train.features.detach()
         labels = train.labels.detach().to(features.device)
         if features.ndim != 2 or len(features) == 0 or labels.shape != (len(features),):

@@ -34,6 +34,7 @@ class SHE(Detector):
     requires: ClassVar[tuple[str, ...]] = ("logits", "features", "train")
     search_space: ClassVar[dict[str, list]] = {}
     needs_fit: ClassVar[bool] = True
+    needs_labels: ClassVar[bool] = True
 
     def __init__(self, metric: str = "inner_product", chunk_rows: int = 16384) -> None:
         self.metric = metric
@@ -47,8 +48,6 @@ class SHE(Detector):
 
     def _fit(self, train: ModelOutputs) -> None:
         self._check()
-        if train.labels is None:
-            raise ConfigError("she needs labelled training outputs (train.labels is None)")
         features, logits = train.features.detach(), train.logits.detach()
         labels = train.labels.detach().to(features.device).long()
         if features.ndim != 2 or len(features) == 0 or logits.ndim != 2 or len(logits) != len(features) \

@@ -41,6 +41,7 @@ class WeightedEBO(Detector):
     """
 
     needs_fit = True
+    needs_labels = True
     requires: ClassVar[tuple[str, ...]] = ("logits", "features", "train", "head")
     search_space: ClassVar[dict[str, list]] = {"samples": [100, 1000, 10000, 100000]}
 
@@ -57,8 +58,6 @@ class WeightedEBO(Detector):
 
     def _fit(self, train: ModelOutputs) -> None:
         weight, bias = linear_head(self.model_, "weighted_ebo")
-        if train.labels is None:
-            raise ConfigError("weighted_ebo needs labelled training outputs (train.labels is None)")
         features = train.features.detach().to("cpu", torch.float64)
         labels = train.labels.detach().cpu()
         if features.ndim != 2 or features.shape[1] != weight.shape[1] or labels.shape != (len(features),):
